@@ -1,0 +1,1 @@
+//! edu driver (being written).

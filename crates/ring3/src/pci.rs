@@ -1,0 +1,1 @@
+//! PCI devices in sysfs (being written).
