@@ -57,6 +57,14 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// A system file (sysfs, procfs, ring3's own state) did not contain what it should.
+    #[error("unexpected contents in {}: {found:?}, expected {expected}", path.display())]
+    MalformedFile {
+        path: PathBuf,
+        found: String,
+        expected: &'static str,
+    },
+
     /// An OS call failed.
     #[error("{what}")]
     Io {
@@ -72,6 +80,10 @@ pub enum Error {
     /// The device wrote or reported a value that breaks the rules.
     #[error("device misbehaved: {what} (got {value:#x})")]
     BadDeviceValue { what: String, value: u64 },
+
+    /// The kernel answered a VFIO request with data that breaks the ABI's rules.
+    #[error("unexpected reply from the kernel: {what} {value:#x}")]
+    BadKernelValue { what: String, value: u64 },
 
     /// An argument was out of the range the operation accepts.
     #[error("{what}")]
@@ -111,12 +123,13 @@ impl Error {
             | Error::NotBoundToVfio { .. }
             | Error::Unavailable { .. }
             | Error::PermissionDenied { .. }
+            | Error::MalformedFile { .. }
             | Error::Unsupported { .. } => ErrorKind::Environment,
             Error::Busy { .. } | Error::IovaExhausted { .. } => ErrorKind::Busy,
             Error::Timeout { .. } | Error::BadDeviceValue { .. } | Error::DmaFault { .. } => {
                 ErrorKind::Device
             }
-            Error::Io { .. } => ErrorKind::Os,
+            Error::Io { .. } | Error::BadKernelValue { .. } => ErrorKind::Os,
         }
     }
 
