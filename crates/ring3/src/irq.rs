@@ -6,6 +6,7 @@
 //! asynchronously with the `tokio` feature.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +41,9 @@ pub struct Interrupt {
     mode: IrqMode,
     vector: u32,
     unmask: Option<Arc<dyn Fn() -> Result<()> + Send + Sync>>,
+    /// Set after a level-triggered delivery; the line is unmasked at the next poll or wait,
+    /// after the driver has had the chance to acknowledge the device.
+    unmask_pending: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Interrupt {
@@ -59,10 +63,15 @@ impl Interrupt {
             mode,
             vector,
             unmask: None,
+            unmask_pending: Arc::new(AtomicBool::new(false)),
         })
     }
 
     /// Adds what to do after each delivery to let the next one through (INTx needs it).
+    ///
+    /// The unmask runs when the driver next polls or waits, so a level-triggered line is
+    /// unmasked only after the driver has acknowledged the device, not while it is still
+    /// asserted (which would deliver the same interrupt twice).
     pub fn with_unmask(mut self, unmask: Arc<dyn Fn() -> Result<()> + Send + Sync>) -> Self {
         self.unmask = Some(unmask);
         self
@@ -80,11 +89,23 @@ impl Interrupt {
 
     /// Takes any pending interrupts without waiting; returns how many arrived (0 if none).
     pub fn poll(&self) -> Result<u64> {
+        self.unmask_if_pending()?;
         let count = sys::eventfd_take(self.eventfd.as_fd())?.unwrap_or(0);
-        if count > 0 {
-            self.rearm()?;
+        if count > 0 && self.unmask.is_some() {
+            self.unmask_pending.store(true, Ordering::Release);
         }
         Ok(count)
+    }
+
+    /// Lets the next level-triggered interrupt through now, rather than at the next poll
+    /// or wait; call it right after acknowledging the device. A no-op for MSI and MSI-X.
+    pub fn unmask_if_pending(&self) -> Result<()> {
+        if self.unmask_pending.swap(false, Ordering::AcqRel) {
+            if let Some(unmask) = &self.unmask {
+                return unmask();
+            }
+        }
+        Ok(())
     }
 
     /// Waits up to `timeout` for the interrupt; returns how many arrived since the last wait.
@@ -108,13 +129,6 @@ impl Interrupt {
     /// Raises the interrupt by hand (what the kernel or the fake model does on delivery).
     pub fn trigger(&self) -> Result<()> {
         sys::eventfd_signal(self.eventfd.as_fd())
-    }
-
-    fn rearm(&self) -> Result<()> {
-        match &self.unmask {
-            Some(unmask) => unmask(),
-            None => Ok(()),
-        }
     }
 
     /// Waits for the interrupt without blocking the thread; returns how many arrived.
@@ -185,7 +199,7 @@ mod tests {
     }
 
     #[test]
-    fn unmask_runs_after_each_delivery() {
+    fn unmask_runs_after_the_driver_had_its_turn() {
         let count = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let seen = count.clone();
         let irq = Interrupt::new(IrqMode::Intx, 0)
@@ -196,7 +210,23 @@ mod tests {
             }));
         irq.trigger().unwrap();
         irq.wait(Duration::from_secs(1)).unwrap();
-        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(
+            count.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "still masked while the driver acknowledges"
+        );
+        assert_eq!(irq.poll().unwrap(), 0);
+        assert_eq!(
+            count.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "unmasked at the next poll"
+        );
+        irq.unmask_if_pending().unwrap();
+        assert_eq!(
+            count.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "only once per delivery"
+        );
     }
 
     #[cfg(feature = "tokio")]

@@ -8,7 +8,7 @@ use std::ptr::NonNull;
 use std::time::Duration;
 
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
-use rustix::mm::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+use rustix::mm::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 
 use crate::error::{Error, Result};
 
@@ -76,6 +76,70 @@ impl Drop for AnonMemory {
         // SAFETY: ptr/len are exactly the mapping made in `new`, and nothing uses it after drop.
         if let Err(error) = unsafe { munmap(self.ptr.as_ptr().cast(), self.len) } {
             tracing::error!(%error, "munmap of DMA memory failed");
+        }
+    }
+}
+
+/// A shared, readable and writable mapping of part of a file (a VFIO device region),
+/// unmapped on drop.
+///
+/// The kernel keeps the file open while the mapping exists, so the mapping stays valid
+/// even after the fd it was made from is closed.
+#[derive(Debug)]
+pub struct SharedMapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value and has no thread affinity.
+unsafe impl Send for SharedMapping {}
+// SAFETY: SharedMapping hands out only a raw pointer; users synchronise their own accesses.
+unsafe impl Sync for SharedMapping {}
+
+impl SharedMapping {
+    /// Maps `len` bytes (rounded up to whole pages) of `fd` at `offset`, shared, read/write.
+    pub fn new(fd: BorrowedFd<'_>, offset: u64, len: usize) -> std::io::Result<Self> {
+        let len = len
+            .max(1)
+            .checked_next_multiple_of(page_size())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: the kernel chooses a fresh address, so the mapping aliases no Rust memory.
+        let ptr = unsafe {
+            mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                fd,
+                offset,
+            )
+        }?;
+        let ptr = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| std::io::Error::other("mmap returned a null pointer"))?;
+        Ok(SharedMapping { ptr, len })
+    }
+
+    /// Start of the mapping.
+    pub fn ptr(&self) -> NonNull<u8> {
+        self.ptr
+    }
+
+    /// Length in bytes (whole pages).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never: at least one page is mapped).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for SharedMapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly the mapping made in `new`, and nothing uses it after drop.
+        if let Err(error) = unsafe { munmap(self.ptr.as_ptr().cast(), self.len) } {
+            tracing::error!(%error, "munmap of a device region failed");
         }
     }
 }
