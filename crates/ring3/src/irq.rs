@@ -138,8 +138,10 @@ impl Interrupt {
         use tokio::io::Interest;
 
         let borrowed = BorrowedEventfd(self.eventfd.clone());
-        let async_fd = AsyncFd::with_interest(borrowed, Interest::READABLE)
-            .map_err(|e| Error::io("registering an eventfd with tokio", e))?;
+        // SAFETY: `borrowed` holds an Arc of the OwnedFd, so the descriptor stays open and
+        // names the same eventfd for the whole life of the AsyncFd.
+        let async_fd = unsafe { AsyncFd::register_with_interest(borrowed, Interest::READABLE) }
+            .map_err(|e| Error::io("registering an eventfd with tokio", e.into_parts().1))?;
         let wait = async {
             loop {
                 let mut guard = async_fd
