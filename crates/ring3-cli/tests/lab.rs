@@ -1,7 +1,8 @@
 //! Lab tests: ring3 against QEMU's device models, inside the lab VM.
 //!
 //! `cargo xtask test` boots the VM (q35, intel-iommu, an edu device, a virtio-net device,
-//! and an e1000e + virtio-net pair sharing one slot, hence one IOMMU group) and runs
+//! and an e1000 + virtio-net pair behind one PCIe-to-PCI bridge, hence in one IOMMU group)
+//! and runs
 //! these with `--ignored`, one at a time. Outside the VM they are ignored; run by hand
 //! elsewhere they fail at once, saying where they belong.
 
@@ -16,7 +17,7 @@ use ring3_edu::{Completion, Direction, Edu};
 
 const EDU: (u16, u16) = (0x1234, 0x11e8);
 const VIRTIO_NET: (u16, u16) = (0x1af4, 0x1041);
-const E1000E: (u16, u16) = (0x8086, 0x10d3);
+const E1000: (u16, u16) = (0x8086, 0x100e);
 
 fn in_lab() {
     assert_eq!(
@@ -33,20 +34,19 @@ fn devices(ids: (u16, u16)) -> Vec<PciDevice> {
         .collect()
 }
 
-/// The lone device with these IDs that is alone in its slot.
+/// The device with these IDs that is alone in its IOMMU group.
 fn single(ids: (u16, u16)) -> PciDevice {
     devices(ids)
         .into_iter()
-        .find(|d| d.address.function == 0 && !is_multifunction_slot(d.address))
-        .unwrap_or_else(|| panic!("the lab VM has no {:04x}:{:04x} device", ids.0, ids.1))
+        .find(|d| group_members(d).len() == 1)
+        .unwrap_or_else(|| panic!("the lab VM has no lone {:04x}:{:04x} device", ids.0, ids.1))
 }
 
-fn is_multifunction_slot(address: PciAddress) -> bool {
-    let sibling = PciAddress {
-        function: 1,
-        ..address
-    };
-    Sysfs::system().device(sibling).is_ok()
+fn group_members(device: &PciDevice) -> Vec<PciAddress> {
+    let group = device.iommu_group.expect("lab devices have IOMMU groups");
+    Sysfs::system()
+        .iommu_group_devices(group)
+        .expect("listing an IOMMU group")
 }
 
 fn driver_of(address: PciAddress) -> Option<String> {
@@ -304,22 +304,16 @@ fn lab_device_bound_elsewhere_is_a_clear_error() {
 #[ignore = "needs the lab VM: cargo xtask test"]
 fn lab_group_member_bound_elsewhere_blocks_bind() {
     in_lab();
-    let e1000e = devices(E1000E)
+    let e1000 = devices(E1000)
         .into_iter()
-        .find(|d| is_multifunction_slot(d.address))
-        .expect("lab setup: an e1000e sharing its slot with a virtio-net function");
-    let sibling = PciAddress {
-        function: 1,
-        ..e1000e.address
-    };
-    let sibling_device = Sysfs::system().device(sibling).unwrap();
-    assert_eq!(
-        sibling_device.iommu_group, e1000e.iommu_group,
-        "lab setup: one IOMMU group"
-    );
-    assert_eq!(sibling_device.driver.as_deref(), Some("virtio-pci"));
+        .next()
+        .expect("lab setup: an e1000 behind a PCI bridge");
+    let sibling = group_members(&e1000)
+        .into_iter()
+        .find(|&member| driver_of(member).as_deref() == Some("virtio-pci"))
+        .expect("lab setup: a virtio-net in the e1000's IOMMU group");
 
-    let output = ring3(&["bind", &e1000e.address.to_string()]);
+    let output = ring3(&["bind", &e1000.address.to_string()]);
     assert!(!output.status.success());
     let text = stderr(&output);
     assert!(
@@ -327,7 +321,12 @@ fn lab_group_member_bound_elsewhere_blocks_bind() {
         "names the group member: {text}"
     );
     assert!(text.contains("virtio-pci"), "names its driver: {text}");
-    assert_eq!(driver_of(e1000e.address), None, "nothing was changed");
+    let forced = ring3(&["bind", "--force", &e1000.address.to_string()]);
+    assert!(
+        !forced.status.success(),
+        "--force does not split an IOMMU group"
+    );
+    assert_eq!(driver_of(e1000.address), None, "nothing was changed");
     assert_eq!(driver_of(sibling).as_deref(), Some("virtio-pci"));
 }
 
