@@ -15,7 +15,7 @@ pub fn test_lab_options(timeout: Option<Duration>) -> LabOptions {
     let mut qemu_args = Vec::new();
     for arg in [
         "-device",
-        "pcie-pci-bridge,id=ring3br0,shpc=off",
+        "pcie-pci-bridge,id=ring3br0",
         "-netdev",
         "hubport,id=ring3grp0,hubid=7",
         "-netdev",
