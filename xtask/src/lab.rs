@@ -238,7 +238,9 @@ fn prepare_with(progress: &Progress) -> Result<LabAssets> {
 }
 
 /// The guest sees the host's `/`, except for these, which it replaces.
-const GUEST_PRIVATE_DIRS: [&str; 6] = ["/tmp", "/run", "/var/tmp", "/proc", "/sys", "/dev"];
+/// (`/tmp`, `/run` and `/var/tmp` are tmpfs in the guest too, but the workspace and target
+/// directories under them are bind-mounted back in from the host.)
+const GUEST_PRIVATE_DIRS: [&str; 3] = ["/proc", "/sys", "/dev"];
 
 fn check_visible_in_guest(path: &Path) -> Result<()> {
     if let Some(dir) = GUEST_PRIVATE_DIRS
@@ -492,7 +494,8 @@ mod tests {
 
     #[test]
     fn guest_private_dirs() {
-        assert!(check_visible_in_guest(Path::new("/tmp/x/target/lab")).is_err());
+        assert!(check_visible_in_guest(Path::new("/proc/x/target/lab")).is_err());
+        assert!(check_visible_in_guest(Path::new("/tmp/x/target/lab")).is_ok());
         assert!(check_visible_in_guest(Path::new("/tmpfoo/lab")).is_ok());
         assert!(check_visible_in_guest(Path::new("/home/u/ring3/target/lab")).is_ok());
     }

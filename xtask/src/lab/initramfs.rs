@@ -35,6 +35,11 @@ pub(crate) const RUN_PARAM: &str = "ring3.run=";
 /// the markers below unguessable for guest output.
 pub(crate) const NONCE_PARAM: &str = "ring3.nonce=";
 
+/// The kernel command line parameter listing host directories (comma-separated) that lie
+/// under the guest's own `/tmp`, `/run` or `/var/tmp` and must still be visible there
+/// (a workspace cloned under `/tmp`, for example).
+pub(crate) const SHARE_PARAM: &str = "ring3.share=";
+
 /// The guest reports on the serial console with lines
 /// `RING3-LAB-<nonce>-EXIT=<status>` or `RING3-LAB-<nonce>-ERROR=<message>`.
 pub(crate) fn exit_marker(nonce: &str) -> String {
@@ -57,10 +62,12 @@ export PATH=/bin
 mount -t proc proc /proc
 run=
 nonce=
+share=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         {RUN_PARAM}*) run="${{arg#{RUN_PARAM}}}" ;;
         {NONCE_PARAM}*) nonce="${{arg#{NONCE_PARAM}}}" ;;
+        {SHARE_PARAM}*) share="${{arg#{SHARE_PARAM}}}" ;;
     esac
 done
 fail() {{ echo "RING3-LAB-$nonce-ERROR=$*"; poweroff -f; }}
@@ -71,6 +78,9 @@ for m in netfs 9pnet 9pnet_virtio 9p; do
 done
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 {HOST_ROOT_TAG} /newroot \
     || fail "could not mount the host file system over virtio-9p"
+# A second view of the host's tree, not covered by the tmpfs mounts below.
+mkdir -p /hostview
+mount --bind /newroot /hostview
 mount -t proc proc /newroot/proc
 mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
@@ -80,6 +90,13 @@ mount -t tmpfs vartmp /newroot/var/tmp
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /newroot/dev/pts
 mount -t tmpfs shm /newroot/dev/shm
+for dir in $(echo "$share" | tr ',' ' '); do
+    case "$dir" in
+        /tmp/*|/run/*|/var/tmp/*)
+            mkdir -p "/newroot$dir" && mount --bind "/hostview$dir" "/newroot$dir" \
+                || fail "could not share the host's $dir with the guest" ;;
+    esac
+done
 hostname ring3-lab
 [ -n "$run" ] || fail "no {RUN_PARAM} on the kernel command line"
 [ -f "/newroot$run" ] || fail "the run script $run is not visible in the guest"

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::initramfs::{error_marker, exit_marker, HOST_ROOT_TAG, NONCE_PARAM, RUN_PARAM};
+use super::initramfs::{
+    error_marker, exit_marker, HOST_ROOT_TAG, NONCE_PARAM, RUN_PARAM, SHARE_PARAM,
+};
 use super::{host, modules};
 use super::{shell_quote, LabAssets, LabDevice, LabOptions, LabTimeout};
 
@@ -365,16 +367,6 @@ fn run_script(
         Some(dir) => dir.clone(),
         None => std::env::current_dir().context("could not determine the current directory")?,
     };
-    if let Some(dir) = ["/tmp", "/run", "/var/tmp"]
-        .iter()
-        .find(|dir| workdir.starts_with(dir))
-    {
-        eprintln!(
-            "lab: warning: the guest has its own empty {dir}, so the command does not run in \
-             the host's {}",
-            workdir.display()
-        );
-    }
     let workdir = path_str(&workdir)?;
     let busybox = q(&path_str(&assets.tools.busybox)?);
 
@@ -436,10 +428,7 @@ fn run_script(
         s,
         "cd {} 2>/dev/null || fail {}",
         q(&workdir),
-        q(&format!(
-            "could not change to {workdir} in the guest (the guest has its own empty /tmp, \
-             /run and /var/tmp)"
-        ))
+        q(&format!("could not change to {workdir} in the guest"))
     );
 
     match job {
@@ -505,6 +494,37 @@ fn write_modprobe_wrapper(assets: &LabAssets, bin_dir: &Path) -> Result<()> {
 
 fn q(word: &str) -> String {
     shell_quote(word)
+}
+
+/// Host directories the guest must see although they lie under its own tmpfs `/tmp`,
+/// `/run` or `/var/tmp`: the workspace, the target directory and the working directory.
+fn shared_dirs(opts: &LabOptions) -> Result<Vec<String>> {
+    let workdir = match &opts.workdir {
+        Some(dir) => dir.clone(),
+        None => std::env::current_dir().context("could not determine the current directory")?,
+    };
+    let mut shared = Vec::new();
+    for dir in [
+        crate::lab::workspace_root(),
+        crate::lab::target_dir(),
+        workdir,
+    ] {
+        let dir = path_str(&dir)?;
+        let private = ["/tmp/", "/run/", "/var/tmp/"]
+            .iter()
+            .any(|prefix| dir.starts_with(prefix));
+        if !private || shared.iter().any(|s: &String| dir.starts_with(s.as_str())) {
+            continue;
+        }
+        if dir.contains(',') || dir.chars().any(char::is_whitespace) {
+            bail!(
+                "{dir} contains a comma or white space, so the lab cannot share it with the \
+                 guest; move the workspace"
+            );
+        }
+        shared.push(dir);
+    }
+    Ok(shared)
 }
 
 fn path_str(path: &Path) -> Result<String> {
@@ -584,10 +604,14 @@ fn qemu_command(
     cmd.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
     cmd.args(device_args(&opts.devices, run_dir)?);
 
-    let append = format!(
+    let mut append = format!(
         "console=ttyS0 intel_iommu=on no_timer_check panic=-1 quiet {RUN_PARAM}{} {NONCE_PARAM}{nonce}",
         path_str(script)?
     );
+    let shared = shared_dirs(opts)?;
+    if !shared.is_empty() {
+        append.push_str(&format!(" {SHARE_PARAM}{}", shared.join(",")));
+    }
     cmd.arg("-kernel")
         .arg(&assets.vmlinuz)
         .arg("-initrd")
