@@ -155,7 +155,7 @@ impl DmaSpace {
 
     /// A zeroed buffer of at least `size` bytes (rounded up to whole pages), mapped for the device.
     pub fn alloc(self: &Arc<Self>, size: usize) -> Result<DmaBuffer> {
-        let memory = sys::AnonMemory::new(size)?;
+        let memory = sys::Mapping::anonymous(size)?;
         let len = memory.len();
         let iova = self
             .iova
@@ -189,7 +189,7 @@ impl DmaSpace {
 /// change the memory at any moment. Dropping the buffer unmaps it from the IOMMU and only
 /// then frees it; if unmapping fails, the memory is leaked rather than reused.
 pub struct DmaBuffer {
-    memory: Option<sys::AnonMemory>,
+    memory: Option<sys::Mapping>,
     iova: u64,
     size: usize,
     space: Arc<DmaSpace>,

@@ -17,28 +17,31 @@ pub fn page_size() -> usize {
     rustix::param::page_size()
 }
 
-/// Page-aligned, zeroed, private anonymous memory, unmapped on drop.
+/// A memory mapping of whole pages, unmapped on drop: private anonymous memory (for DMA
+/// buffers) or a shared mapping of a file range (for device regions).
 #[derive(Debug)]
-pub struct AnonMemory {
+pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
 }
 
-// SAFETY: the mapping is plain memory owned by this value; it has no thread affinity.
-unsafe impl Send for AnonMemory {}
-// SAFETY: AnonMemory hands out only a raw pointer; users synchronise their own accesses.
-unsafe impl Sync for AnonMemory {}
+// SAFETY: the mapping is owned by this value and has no thread affinity.
+unsafe impl Send for Mapping {}
+// SAFETY: Mapping hands out only a raw pointer; users synchronise their own accesses.
+unsafe impl Sync for Mapping {}
 
-impl AnonMemory {
-    /// Maps at least `size` bytes (rounded up to whole pages, at least one page).
-    pub fn new(size: usize) -> Result<Self> {
-        let page = page_size();
-        let len =
-            size.max(1)
-                .checked_next_multiple_of(page)
-                .ok_or_else(|| Error::InvalidArgument {
-                    what: format!("memory size {size:#x} is too large"),
-                })?;
+/// `len` rounded up to whole pages, at least one page.
+fn whole_pages(len: usize) -> std::io::Result<usize> {
+    len.max(1)
+        .checked_next_multiple_of(page_size())
+        .ok_or_else(|| std::io::Error::other(format!("a mapping of {len:#x} bytes is too large")))
+}
+
+impl Mapping {
+    /// Zeroed, private anonymous memory of at least `size` bytes, populated up front.
+    pub fn anonymous(size: usize) -> Result<Self> {
+        let what = || format!("allocating {size:#x} bytes of DMA memory");
+        let len = whole_pages(size).map_err(|e| Error::io(what(), e))?;
         // SAFETY: a fresh anonymous mapping chosen by the kernel aliases nothing.
         let ptr = unsafe {
             mmap_anonymous(
@@ -48,61 +51,13 @@ impl AnonMemory {
                 MapFlags::PRIVATE | MapFlags::POPULATE,
             )
         }
-        .map_err(|e| Error::io(format!("allocating {len:#x} bytes of DMA memory"), e))?;
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| Error::InvalidArgument {
-            what: "mmap returned a null pointer".into(),
-        })?;
-        Ok(AnonMemory { ptr, len })
+        .map_err(|e| Error::io(what(), e))?;
+        Self::from_raw(ptr, len).map_err(|e| Error::io(what(), e))
     }
 
-    /// Start of the memory.
-    pub fn ptr(&self) -> NonNull<u8> {
-        self.ptr
-    }
-
-    /// Length in bytes (whole pages).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the mapping is empty (never: at least one page is mapped).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl Drop for AnonMemory {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly the mapping made in `new`, and nothing uses it after drop.
-        if let Err(error) = unsafe { munmap(self.ptr.as_ptr().cast(), self.len) } {
-            tracing::error!(%error, "munmap of DMA memory failed");
-        }
-    }
-}
-
-/// A shared, readable and writable mapping of part of a file (a VFIO device region),
-/// unmapped on drop.
-///
-/// The kernel keeps the file open while the mapping exists, so the mapping stays valid
-/// even after the fd it was made from is closed.
-#[derive(Debug)]
-pub struct SharedMapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is owned by this value and has no thread affinity.
-unsafe impl Send for SharedMapping {}
-// SAFETY: SharedMapping hands out only a raw pointer; users synchronise their own accesses.
-unsafe impl Sync for SharedMapping {}
-
-impl SharedMapping {
-    /// Maps `len` bytes (rounded up to whole pages) of `fd` at `offset`, shared, read/write.
-    pub fn new(fd: BorrowedFd<'_>, offset: u64, len: usize) -> std::io::Result<Self> {
-        let len = len
-            .max(1)
-            .checked_next_multiple_of(page_size())
-            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    /// `len` bytes (rounded up to whole pages) of `fd` at `offset`, shared, read/write.
+    pub fn shared(fd: BorrowedFd<'_>, offset: u64, len: usize) -> std::io::Result<Self> {
+        let len = whole_pages(len)?;
         // SAFETY: the kernel chooses a fresh address, so the mapping aliases no Rust memory.
         let ptr = unsafe {
             mmap(
@@ -114,9 +69,13 @@ impl SharedMapping {
                 offset,
             )
         }?;
+        Self::from_raw(ptr, len)
+    }
+
+    fn from_raw(ptr: *mut std::ffi::c_void, len: usize) -> std::io::Result<Self> {
         let ptr = NonNull::new(ptr.cast::<u8>())
             .ok_or_else(|| std::io::Error::other("mmap returned a null pointer"))?;
-        Ok(SharedMapping { ptr, len })
+        Ok(Mapping { ptr, len })
     }
 
     /// Start of the mapping.
@@ -135,11 +94,12 @@ impl SharedMapping {
     }
 }
 
-impl Drop for SharedMapping {
+impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly the mapping made in `new`, and nothing uses it after drop.
+        // SAFETY: ptr/len are exactly the mapping made by the constructor, and nothing uses
+        // it after drop.
         if let Err(error) = unsafe { munmap(self.ptr.as_ptr().cast(), self.len) } {
-            tracing::error!(%error, "munmap of a device region failed");
+            tracing::error!(%error, "munmap failed");
         }
     }
 }

@@ -9,7 +9,7 @@ use super::ioctl;
 use crate::error::{Error, Result};
 use crate::irq::{Interrupt, IrqMode};
 use crate::mmio::{Bar, RegisterModel};
-use crate::sys::SharedMapping;
+use crate::sys::Mapping;
 
 /// Region index of PCI configuration space (`VFIO_PCI_CONFIG_REGION_INDEX`).
 pub const CONFIG_REGION: u32 = sys::VFIO_PCI_CONFIG_REGION_INDEX;
@@ -335,7 +335,7 @@ impl Device {
             what: format!("{name} is {:#x} bytes, too large to map", region.size),
         })?;
         if region.flags.contains(RegionFlags::MMAP) {
-            match SharedMapping::new(self.fd.as_fd(), region.offset, len) {
+            match Mapping::shared(self.fd.as_fd(), region.offset, len) {
                 Ok(mapping) => {
                     let base = mapping.ptr();
                     let owner = Arc::new(BarMapping {
@@ -547,7 +547,7 @@ impl Drop for Device {
 
 /// Keeps a mapped BAR and the device fd alive for as long as any [`Bar`] clone uses them.
 struct BarMapping {
-    _mapping: SharedMapping,
+    _mapping: Mapping,
     _device: Arc<OwnedFd>,
 }
 
