@@ -164,7 +164,7 @@ fn lab_tests(filter: &str, timeout: Duration) -> Result<i32> {
     let mut script = String::from("status=0\n");
     for binary in &binaries {
         script.push_str(&format!(
-            "{} --ignored --test-threads=1 {} || status=1\n",
+            "{} --ignored --test-threads=1 --color never {} || status=1\n",
             lab::shell_quote(&binary.to_string_lossy()),
             lab::shell_quote(filter)
         ));
