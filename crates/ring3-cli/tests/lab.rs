@@ -412,3 +412,48 @@ fn lab_dma_from_an_unmapped_iova_is_stopped_by_the_iommu() {
     edu.write_to_device(0, &data).unwrap();
     assert_eq!(edu.read_from_device(0, 256).unwrap(), data);
 }
+
+#[test]
+#[ignore = "needs the lab VM: cargo xtask test"]
+fn lab_interface_that_is_up_is_not_taken_unless_forced() {
+    in_lab();
+    let nic = single(VIRTIO_NET);
+    let address = nic.address.to_string();
+    sh("modprobe virtio_net");
+    let net_dir = Sysfs::system()
+        .device_path(nic.address)
+        .join("virtio0")
+        .join("net");
+    let interface = (0..50)
+        .find_map(|_| {
+            let name = std::fs::read_dir(&net_dir)
+                .ok()?
+                .flatten()
+                .next()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned());
+            if name.is_none() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            name
+        })
+        .expect("virtio_net made an interface for the lab NIC");
+    sh(&format!("ip link set {interface} up"));
+
+    let refused = ring3(&["bind", &address]);
+    assert!(!refused.status.success());
+    let text = stderr(&refused);
+    assert!(text.contains(&interface), "names the interface: {text}");
+    assert!(text.contains("--force"), "names the override: {text}");
+    assert_eq!(
+        driver_of(nic.address).as_deref(),
+        Some("virtio-pci"),
+        "nothing changed"
+    );
+
+    let forced = ring3(&["bind", "--force", &address]);
+    assert!(forced.status.success());
+    assert_eq!(driver_of(nic.address).as_deref(), Some("vfio-pci"));
+    assert!(ring3(&["unbind", &address]).status.success());
+    assert_eq!(driver_of(nic.address).as_deref(), Some("virtio-pci"));
+    sh("rmmod virtio_net");
+}
