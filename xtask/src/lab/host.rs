@@ -62,6 +62,11 @@ const REQUIREMENTS: &[Requirement] = &[
         program: "find",
         package: "findutils",
     },
+    // Used inside the guest by the lab tests (interfaces up and down).
+    Requirement {
+        program: "ip",
+        package: "iproute2",
+    },
 ];
 
 /// The statically linked busybox goes into the initramfs as is.
