@@ -128,10 +128,11 @@ impl Sysfs {
     /// directory so that [`Sysfs::unbind_from_vfio`] — from any process — can give the
     /// device back. Needs root.
     pub fn bind_to_vfio(&self, address: PciAddress, force: bool) -> Result<BindOutcome> {
+        // A wrong address is the first thing to tell about, as VfioBackend::open does.
+        let device = self.device(address)?;
         if !self.module_loaded(VFIO_PCI) {
             return Err(Error::ModuleMissing { module: VFIO_PCI });
         }
-        let device = self.device(address)?;
         if device.driver.as_deref() == Some(VFIO_PCI) {
             return Ok(BindOutcome::AlreadyBound);
         }
