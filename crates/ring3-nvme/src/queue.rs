@@ -1,0 +1,367 @@
+//! A submission/completion queue pair (NVMe Base 2.0, 3.3 "NVM Queue Models" and 4.1
+//! "Submission Queue and Completion Queue Definition").
+//!
+//! Both rings live in [`DmaBuffer`]s. The driver writes submission entries at the SQ tail
+//! and tells the controller the new tail through the SQ tail doorbell; the controller
+//! writes completion entries at the CQ tail with the current phase tag and the driver
+//! finds them by the phase flipping, consumes them at its CQ head and tells the controller
+//! through the CQ head doorbell. The phase the driver expects starts at 1 (the ring is
+//! zeroed) and flips at every wrap.
+//!
+//! Nothing in a completion is trusted: the SQ ID must be this pair's, the command ID must
+//! belong to a command in flight, and the SQ head must lie between the last one reported
+//! and the tail. A completion that breaks these rules is an [`Error::Misbehaved`] and
+//! leaves the pair unusable ([`Error::QueueBroken`]) until the controller is reset,
+//! because the rings' positions can no longer be known.
+//!
+//! The pair belongs to one thread (`&mut self`): there are no locks on this path.
+
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use ring3::{Bar, DmaBuffer};
+
+use crate::command::{SubmissionEntry, SUBMISSION_ENTRY_SIZE};
+use crate::completion::{CompletionEntry, COMPLETION_ENTRY_SIZE, STATUS_OFFSET};
+use crate::error::{Error, Result};
+use crate::registers::doorbell_offset;
+
+/// Sleeps a little longer each round, so short waits stay short and long ones stay cheap.
+pub(crate) struct Backoff {
+    spins: u32,
+    sleep: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Backoff {
+            spins: 0,
+            sleep: Duration::from_micros(1),
+        }
+    }
+
+    pub(crate) fn pause(&mut self) {
+        if self.spins < 64 {
+            self.spins += 1;
+            std::hint::spin_loop();
+        } else {
+            std::thread::sleep(self.sleep);
+            self.sleep = (self.sleep * 2).min(Duration::from_millis(1));
+        }
+    }
+}
+
+/// One submission queue and the completion queue its completions go to.
+pub struct QueuePair {
+    id: u16,
+    entries: u16,
+    sq: DmaBuffer,
+    cq: DmaBuffer,
+    bar: Bar,
+    sq_doorbell: usize,
+    cq_doorbell: usize,
+    sq_tail: u16,
+    /// The SQ head the controller last reported: slots from here to the tail are its.
+    sq_head: u16,
+    cq_head: u16,
+    /// The phase tag a new completion carries in the current lap.
+    phase: bool,
+    /// The opcode of each command in flight, indexed by command ID.
+    in_flight: Vec<Option<u8>>,
+    free_ids: Vec<u16>,
+    completion_laps: u64,
+    broken: bool,
+}
+
+impl std::fmt::Debug for QueuePair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuePair")
+            .field("id", &self.id)
+            .field("entries", &self.entries)
+            .field("sq_tail", &self.sq_tail)
+            .field("sq_head", &self.sq_head)
+            .field("cq_head", &self.cq_head)
+            .field("phase", &self.phase)
+            .field("in_flight", &self.in_flight())
+            .field("broken", &self.broken)
+            .finish()
+    }
+}
+
+impl QueuePair {
+    /// A pair with ID `id` of `entries` slots each, in the two buffers given (zeroed, at
+    /// least `entries` × 64 and `entries` × 16 bytes), ringing the doorbells in `bar` that
+    /// stride `4 << stride_shift` gives.
+    pub fn new(
+        id: u16,
+        entries: u16,
+        sq: DmaBuffer,
+        cq: DmaBuffer,
+        bar: Bar,
+        stride_shift: u8,
+    ) -> Result<Self> {
+        if entries < 2 {
+            return Err(Error::InvalidArgument {
+                what: format!("queue {id}: {entries} entries; a queue needs at least 2"),
+            });
+        }
+        let slots = usize::from(entries);
+        if sq.len() < slots * SUBMISSION_ENTRY_SIZE || cq.len() < slots * COMPLETION_ENTRY_SIZE {
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "queue {id}: buffers of {} and {} bytes are too small for {entries} entries",
+                    sq.len(),
+                    cq.len()
+                ),
+            });
+        }
+        let sq_doorbell = doorbell_offset(id, false, stride_shift, bar.len())?;
+        let cq_doorbell = doorbell_offset(id, true, stride_shift, bar.len())?;
+        // A fresh ring must hold no phase-1 entries, or stale bytes would pass for completions.
+        cq.fill(0);
+        Ok(QueuePair {
+            id,
+            entries,
+            sq,
+            cq,
+            bar,
+            sq_doorbell,
+            cq_doorbell,
+            sq_tail: 0,
+            sq_head: 0,
+            cq_head: 0,
+            phase: true,
+            in_flight: vec![None; slots],
+            // Popped from the end: IDs are handed out from 0 upwards.
+            free_ids: (0..entries).rev().collect(),
+            completion_laps: 0,
+            broken: false,
+        })
+    }
+
+    /// The queue ID (0 is the admin queue).
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    /// Slots in each ring.
+    pub fn entries(&self) -> u16 {
+        self.entries
+    }
+
+    /// IOVA of the submission ring (for ASQ or Create I/O SQ).
+    pub fn sq_iova(&self) -> u64 {
+        self.sq.iova()
+    }
+
+    /// IOVA of the completion ring (for ACQ or Create I/O CQ).
+    pub fn cq_iova(&self) -> u64 {
+        self.cq.iova()
+    }
+
+    /// Commands submitted and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        usize::from(self.entries) - self.free_ids.len()
+    }
+
+    /// How many times the completion head wrapped around (and the phase flipped).
+    pub fn completion_laps(&self) -> u64 {
+        self.completion_laps
+    }
+
+    /// The phase tag the next completion must carry.
+    pub fn phase(&self) -> bool {
+        self.phase
+    }
+
+    /// Whether a misbehaving completion made the pair unusable.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    fn next(&self, index: u16) -> u16 {
+        if index + 1 == self.entries {
+            0
+        } else {
+            index + 1
+        }
+    }
+
+    /// Distance from `from` forward to `to` around the ring.
+    fn distance(&self, from: u16, to: u16) -> u16 {
+        if to >= from {
+            to - from
+        } else {
+            self.entries - from + to
+        }
+    }
+
+    /// Places `entry` at the SQ tail with a fresh command ID, rings the doorbell, and
+    /// returns the command ID.
+    pub fn submit(&mut self, entry: SubmissionEntry) -> Result<u16> {
+        if self.broken {
+            return Err(Error::QueueBroken { queue_id: self.id });
+        }
+        let next_tail = self.next(self.sq_tail);
+        // One slot stays empty: head == tail means empty, so tail + 1 == head means full.
+        if next_tail == self.sq_head {
+            return Err(Error::QueueFull {
+                queue_id: self.id,
+                entries: self.entries,
+            });
+        }
+        let Some(command_id) = self.free_ids.pop() else {
+            return Err(Error::QueueFull {
+                queue_id: self.id,
+                entries: self.entries,
+            });
+        };
+        let entry = entry.with_command_id(command_id);
+        let slot = usize::from(self.sq_tail) * SUBMISSION_ENTRY_SIZE;
+        if let Err(error) = self.sq.write(slot, &entry.to_bytes()) {
+            self.free_ids.push(command_id);
+            return Err(error.into());
+        }
+        self.in_flight[usize::from(command_id)] = Some(entry.opcode());
+        self.sq_tail = next_tail;
+        // The controller fetches the entry as soon as it sees the new tail: the entry's
+        // bytes in host memory must be visible before the doorbell store reaches it.
+        fence(Ordering::Release);
+        self.bar
+            .write32(self.sq_doorbell, u32::from(self.sq_tail))?;
+        Ok(command_id)
+    }
+
+    /// Takes the next completion if the controller has posted one, after checking it.
+    pub fn poll(&mut self) -> Result<Option<CompletionEntry>> {
+        if self.broken {
+            return Err(Error::QueueBroken { queue_id: self.id });
+        }
+        let slot = usize::from(self.cq_head) * COMPLETION_ENTRY_SIZE;
+        let status_word: u16 = self.cq.read_volatile(slot + STATUS_OFFSET)?;
+        if (status_word & 1 != 0) != self.phase {
+            return Ok(None);
+        }
+        // The controller writes the entry before (or with) its phase tag: do not let the
+        // reads of the rest of the entry move before the read that saw the new phase.
+        fence(Ordering::Acquire);
+        let mut bytes = [0u8; COMPLETION_ENTRY_SIZE];
+        self.cq.read(slot, &mut bytes)?;
+        let entry = CompletionEntry::parse(&bytes);
+        if let Err(error) = self.check(&entry) {
+            self.broken = true;
+            return Err(error);
+        }
+
+        let command_id = usize::from(entry.command_id);
+        self.in_flight[command_id] = None;
+        self.free_ids.push(entry.command_id);
+        self.sq_head = entry.sq_head;
+        self.cq_head = self.next(self.cq_head);
+        if self.cq_head == 0 {
+            self.phase = !self.phase;
+            self.completion_laps += 1;
+        }
+        // The head doorbell hands the slot back to the controller, which may overwrite it
+        // at once: our reads of the entry must be complete before that store.
+        fence(Ordering::Release);
+        self.bar
+            .write32(self.cq_doorbell, u32::from(self.cq_head))?;
+        Ok(Some(entry))
+    }
+
+    /// The rules every completion must follow.
+    fn check(&self, entry: &CompletionEntry) -> Result<()> {
+        let at = self.cq_head;
+        if entry.phase != self.phase {
+            return Err(Error::Misbehaved {
+                what: format!(
+                    "queue {}: completion at slot {at} changed its phase tag while read",
+                    self.id
+                ),
+                value: u64::from(entry.phase),
+            });
+        }
+        if entry.sq_id != self.id {
+            return Err(Error::Misbehaved {
+                what: format!(
+                    "queue {}: completion at slot {at} names submission queue {}",
+                    self.id, entry.sq_id
+                ),
+                value: u64::from(entry.sq_id),
+            });
+        }
+        let in_flight = self
+            .in_flight
+            .get(usize::from(entry.command_id))
+            .is_some_and(Option::is_some);
+        if !in_flight {
+            return Err(Error::Misbehaved {
+                what: format!(
+                    "queue {}: completion at slot {at} for command ID {}, which is not in flight",
+                    self.id, entry.command_id
+                ),
+                value: u64::from(entry.command_id),
+            });
+        }
+        // The controller only ever consumes entries: the new head lies between the old head
+        // and the tail, going forward.
+        let valid_head = entry.sq_head < self.entries
+            && self.distance(self.sq_head, entry.sq_head)
+                <= self.distance(self.sq_head, self.sq_tail);
+        if !valid_head {
+            return Err(Error::Misbehaved {
+                what: format!(
+                    "queue {}: completion at slot {at} reports SQ head {}, outside {}..={} of {} entries",
+                    self.id, entry.sq_head, self.sq_head, self.sq_tail, self.entries
+                ),
+                value: u64::from(entry.sq_head),
+            });
+        }
+        Ok(())
+    }
+
+    /// The opcode of command `command_id` while it is in flight.
+    pub fn opcode_of(&self, command_id: u16) -> Option<u8> {
+        self.in_flight
+            .get(usize::from(command_id))
+            .copied()
+            .flatten()
+    }
+
+    /// Waits up to `timeout` for the completion of `command_id`, the only command in flight
+    /// (the synchronous use of the admin queue).
+    pub fn wait_for(&mut self, command_id: u16, timeout: Duration) -> Result<CompletionEntry> {
+        let Some(opcode) = self.opcode_of(command_id) else {
+            return Err(Error::InvalidArgument {
+                what: format!("queue {}: command {command_id} is not in flight", self.id),
+            });
+        };
+        if self.in_flight() != 1 {
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "queue {}: wait_for needs exactly one command in flight, not {}",
+                    self.id,
+                    self.in_flight()
+                ),
+            });
+        }
+        let start = Instant::now();
+        let mut backoff = Backoff::new();
+        loop {
+            if let Some(entry) = self.poll()? {
+                // `check` proved the ID was in flight, and only `command_id` was.
+                return Ok(entry);
+            }
+            if start.elapsed() >= timeout {
+                return Err(Error::CommandTimeout {
+                    queue_id: self.id,
+                    command_id,
+                    opcode,
+                    timeout,
+                });
+            }
+            backoff.pause();
+        }
+    }
+}
