@@ -990,7 +990,9 @@ mod tests {
 
     #[test]
     fn cmdline_paths() {
-        assert!(check_cmdline_safe(Path::new("/home/dev/ring3/target/lab/runs/1-0/run.sh")).is_ok());
+        assert!(
+            check_cmdline_safe(Path::new("/home/dev/ring3/target/lab/runs/1-0/run.sh")).is_ok()
+        );
         assert!(check_cmdline_safe(Path::new("/my work/run.sh")).is_err());
         assert!(check_cmdline_safe(Path::new("/a*/run.sh")).is_err());
     }
