@@ -126,69 +126,9 @@ impl Error {
 /// and the [`ErrorKind`].
 impl From<Error> for ring3::Error {
     fn from(error: Error) -> Self {
-        let message = error.to_string();
-        let bad_value = |what: String, value: u64| ring3::Error::BadDeviceValue { what, value };
         match error {
             Error::Core(error) => error,
-            Error::WrongDevice { .. } | Error::AboveDmaMask { .. } => {
-                ring3::Error::InvalidArgument { what: message }
-            }
-            Error::OutOfRange { offset, len } => ring3::Error::OutOfBounds {
-                region: "the usable part of edu's DMA buffer".into(),
-                offset: offset as u64,
-                size: len as u64,
-                len: DMA_USABLE_SIZE as u64,
-            },
-            Error::Timeout {
-                operation,
-                register,
-                offset,
-                last,
-                timeout,
-            } => ring3::Error::Timeout {
-                what: format!(
-                    "the edu {operation} ({register} register at {offset:#x} last read {last:#x})"
-                ),
-                timeout,
-            },
-            Error::BarTooSmall {
-                address,
-                len,
-                expected,
-            } => bad_value(
-                format!("{address}: BAR0 is smaller than edu's {expected:#x} bytes"),
-                len as u64,
-            ),
-            Error::BadIdentification { value } => bad_value(
-                "edu identification register should read 0xRRrr00ed".into(),
-                u64::from(value),
-            ),
-            Error::LivenessMismatch {
-                wrote,
-                expected,
-                read,
-            } => bad_value(
-                format!("edu liveness register: wrote {wrote:#010x}, expected {expected:#010x}"),
-                u64::from(read),
-            ),
-            Error::LostInterrupt {
-                operation,
-                register,
-                last,
-                interrupt_status,
-                timeout,
-            } => bad_value(
-                format!(
-                    "the edu {operation} finished ({register} register reads {last:#x}) but its \
-                     interrupt did not arrive within {timeout:?}; interrupt status"
-                ),
-                u64::from(interrupt_status),
-            ),
-            Error::Misbehaved {
-                what,
-                register,
-                value,
-            } => bad_value(format!("edu: {what} ({register} register)"), value),
+            other => ring3::Error::driver(other.kind(), other),
         }
     }
 }

@@ -137,25 +137,9 @@ impl Error {
 /// and the [`ErrorKind`].
 impl From<Error> for ring3::Error {
     fn from(error: Error) -> Self {
-        let kind = error.kind();
-        let what = error.to_string();
         match error {
             Error::Core(error) => error,
-            Error::Timeout { timeout, .. } | Error::CommandTimeout { timeout, .. } => {
-                ring3::Error::Timeout { what, timeout }
-            }
-            Error::Unsupported { .. } => ring3::Error::Unsupported {
-                address: "NVMe controller".into(),
-                what,
-            },
-            _ => match kind {
-                ErrorKind::InvalidInput => ring3::Error::InvalidArgument { what },
-                ErrorKind::Busy => ring3::Error::Busy {
-                    address: "NVMe controller".into(),
-                    reason: what,
-                },
-                _ => ring3::Error::BadDeviceValue { what, value: 0 },
-            },
+            other => ring3::Error::driver(other.kind(), other),
         }
     }
 }

@@ -106,12 +106,25 @@ pub enum Error {
     #[error("{address}: {what} is not supported by this device")]
     Unsupported { address: String, what: String },
 
+    /// An error of a driver built on ring3, carried with what a caller can do about it.
+    #[error(transparent)]
+    Driver(DriverError),
+
     /// A device access that an IOMMU refused (reported by the fake backend).
     #[error("DMA fault: the device accessed IOVA {iova:#x} ({len} bytes), which is not mapped")]
     DmaFault { iova: u64, len: u64 },
 }
 
 impl Error {
+    /// A driver's own error, for callers that speak only this crate's error type; keeps the
+    /// driver error's message, causes and kind.
+    pub fn driver(kind: ErrorKind, error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Error::Driver(DriverError {
+            kind,
+            error: Box::new(error),
+        })
+    }
+
     /// What a caller can do about this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -130,6 +143,7 @@ impl Error {
                 ErrorKind::Device
             }
             Error::Io { .. } | Error::BadKernelValue { .. } => ErrorKind::Os,
+            Error::Driver(error) => error.kind,
         }
     }
 
@@ -158,5 +172,24 @@ impl Error {
                 source,
             }
         }
+    }
+}
+
+/// A driver crate's error inside [`Error::Driver`]: shows as the driver's error itself.
+#[derive(Debug)]
+pub struct DriverError {
+    kind: ErrorKind,
+    error: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl std::fmt::Display for DriverError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for DriverError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
     }
 }
