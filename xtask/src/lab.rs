@@ -56,7 +56,10 @@ pub const EXIT_LAB_FAILURE: u8 = 125;
 pub enum LabDevice {
     /// QEMU's educational PCI device (vendor 0x1234, device 0x11e8).
     Edu,
-    /// An NVMe controller backed by a fresh, sparse 256 MiB disk image.
+    /// An NVMe controller (8 I/O queue pairs) with the namespaces of
+    /// [`LabOptions::nvme_namespaces`], by default two of 256 MiB: nsid 1
+    /// with 512-byte blocks and nsid 2 with 4096-byte blocks, each backed by
+    /// a fresh, sparse raw image.
     Nvme,
     /// A modern-only virtio-net PCI device (IOMMU platform), on a hub shared
     /// only with the lab's other NICs.
@@ -87,6 +90,34 @@ impl fmt::Display for LabDevice {
     }
 }
 
+/// Default size of each emulated NVMe namespace.
+pub const DEFAULT_NVME_NAMESPACE_BYTES: u64 = 256 << 20;
+
+/// One namespace of the lab's emulated NVMe controllers; namespace IDs are
+/// assigned from 1 in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NvmeNamespace {
+    /// Capacity in bytes (the backing image is sparse); a multiple of
+    /// `block_size`.
+    pub bytes: u64,
+    /// Logical (and physical) block size in bytes: a power of two from 512.
+    pub block_size: u32,
+}
+
+impl NvmeNamespace {
+    /// The lab's default layout: nsid 1 with 512-byte blocks, nsid 2 with
+    /// 4096-byte blocks, 256 MiB each.
+    pub fn default_layout() -> Vec<NvmeNamespace> {
+        [512, 4096]
+            .into_iter()
+            .map(|block_size| NvmeNamespace {
+                bytes: DEFAULT_NVME_NAMESPACE_BYTES,
+                block_size,
+            })
+            .collect()
+    }
+}
+
 /// Everything that shapes one lab VM run.
 #[derive(Debug, Clone)]
 pub struct LabOptions {
@@ -96,8 +127,12 @@ pub struct LabOptions {
     pub qemu_args: Vec<String>,
     /// Load `vfio-pci` and `vfio_iommu_type1` in the guest before the command.
     pub load_vfio: bool,
-    /// Further guest kernel modules to `modprobe` before the command.
+    /// Further guest kernel modules to load before the command, each
+    /// `NAME [PARAM=VALUE...]` (parameters apply to that module, not to its
+    /// dependencies), e.g. `nvme poll_queues=2`.
     pub extra_modules: Vec<String>,
+    /// The namespaces of every [`LabDevice::Nvme`] controller, nsid 1 first.
+    pub nvme_namespaces: Vec<NvmeNamespace>,
     /// Guest memory in MiB.
     pub memory_mib: u32,
     /// Number of guest CPUs.
@@ -122,6 +157,7 @@ impl Default for LabOptions {
             qemu_args: Vec::new(),
             load_vfio: true,
             extra_modules: Vec::new(),
+            nvme_namespaces: NvmeNamespace::default_layout(),
             memory_mib: 1024,
             cpus: 2,
             timeout: Some(Duration::from_secs(DEFAULT_TIMEOUT_SECS)),
@@ -333,8 +369,9 @@ pub struct LabArgs {
     #[arg(long)]
     pub no_vfio: bool,
 
-    /// Load this guest kernel module before the command (repeatable).
-    #[arg(long = "module", value_name = "NAME")]
+    /// Load this guest kernel module before the command (repeatable);
+    /// parameters may follow the name, e.g. `--module 'nvme poll_queues=2'`.
+    #[arg(long = "module", value_name = "NAME [PARAM=VALUE...]")]
     pub modules: Vec<String>,
 
     /// Set VAR=VALUE in the guest command's environment (repeatable).
@@ -368,6 +405,7 @@ impl LabArgs {
             qemu_args: self.qemu_args.clone(),
             load_vfio: !self.no_vfio,
             extra_modules: self.modules.clone(),
+            nvme_namespaces: NvmeNamespace::default_layout(),
             memory_mib: self.memory,
             cpus: self.cpus,
             timeout,

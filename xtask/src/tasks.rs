@@ -8,9 +8,12 @@ use anyhow::{bail, Context, Result};
 
 use crate::lab::{self, LabDevice, LabOptions};
 
-/// The lab VM the tests run in: an edu device and a virtio-net device, each alone in its
-/// IOMMU group, and an e1000 and a virtio-net behind one PCIe-to-PCI bridge, so that they
-/// share an IOMMU group (for the group-safety test).
+/// The lab VM the tests run in: an edu device (0000:00:01.0), a virtio-net device
+/// (0000:00:02.0) and an NVMe controller (0000:00:03.0; namespace 1 with 512-byte blocks,
+/// namespace 2 with 4096-byte blocks, no driver bound), each alone in its IOMMU group, and
+/// an e1000 and a virtio-net behind one PCIe-to-PCI bridge, so that they share an IOMMU
+/// group (for the group-safety test). Tests find devices by their IDs or class, not by
+/// these addresses.
 pub fn test_lab_options(timeout: Option<Duration>) -> LabOptions {
     let mut qemu_args = Vec::new();
     for arg in [
@@ -28,7 +31,7 @@ pub fn test_lab_options(timeout: Option<Duration>) -> LabOptions {
         qemu_args.push(arg.to_string());
     }
     LabOptions {
-        devices: vec![LabDevice::Edu, LabDevice::VirtioNet],
+        devices: vec![LabDevice::Edu, LabDevice::VirtioNet, LabDevice::Nvme],
         qemu_args,
         timeout,
         ..LabOptions::default()

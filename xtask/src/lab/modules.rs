@@ -27,10 +27,13 @@ pub(crate) struct ModuleLoad {
 }
 
 /// The loads needed for `modules` and their dependencies, dependencies
-/// first, each module once.
+/// first, each module once. Each entry is `NAME [PARAM=VALUE...]`; the
+/// parameters go to that module's own load, after any from the host's
+/// modprobe configuration.
 pub(crate) fn resolve(assets: &LabAssets, modules: &[&str]) -> Result<Vec<ModuleLoad>> {
     let mut loads: Vec<ModuleLoad> = Vec::new();
-    for module in modules {
+    for spec in modules {
+        let (module, params) = parse_module_spec(spec)?;
         let output = host::run_captured(
             Command::new(&assets.tools.modprobe)
                 .arg("-d")
@@ -38,10 +41,24 @@ pub(crate) fn resolve(assets: &LabAssets, modules: &[&str]) -> Result<Vec<Module
                 .args(["-S", &assets.kernel_version, "--show-depends", module]),
             &format!("resolving the guest kernel module `{module}` (modprobe --show-depends)"),
         )?;
-        for load in parse_show_depends(&String::from_utf8_lossy(&output.stdout))? {
+        let resolved = parse_show_depends(&String::from_utf8_lossy(&output.stdout))?;
+        // modprobe lists the module itself last, after its dependencies.
+        let target = resolved.last().map(|load| load.name.clone());
+        for load in resolved {
             if !loads.iter().any(|l| l.name == load.name) {
                 loads.push(load);
             }
+        }
+        if !params.is_empty() {
+            let Some(load) = target.and_then(|name| loads.iter_mut().find(|l| l.name == name))
+            else {
+                bail!(
+                    "the guest kernel module `{module}` is built in, so it cannot take the \
+                     parameters {}; put them on the kernel command line instead",
+                    params.join(" ")
+                );
+            };
+            load.params.extend(params);
         }
     }
     let cache = assets.kernel_tree.join("decompressed");
@@ -49,6 +66,22 @@ pub(crate) fn resolve(assets: &LabAssets, modules: &[&str]) -> Result<Vec<Module
         load.path = uncompressed(assets, &cache, &load.path)?;
     }
     Ok(loads)
+}
+
+/// Splits `NAME [PARAM=VALUE...]` into the name and its parameters.
+fn parse_module_spec(spec: &str) -> Result<(&str, Vec<String>)> {
+    let mut words = spec.split_whitespace();
+    let name = words
+        .next()
+        .context("an empty guest kernel module name was given")?;
+    let params: Vec<String> = words.map(str::to_string).collect();
+    if let Some(bad) = params
+        .iter()
+        .find(|p| p.starts_with('=') || p.starts_with('-'))
+    {
+        bail!("`{bad}` is not a module parameter (expected PARAM=VALUE) in `{spec}`");
+    }
+    Ok((name, params))
 }
 
 /// Parses `insmod PATH PARAMS...` lines; `builtin NAME` lines need nothing.
@@ -147,5 +180,19 @@ mod tests {
         assert_eq!(loads[1].name, "vfio_pci");
         assert_eq!(loads[1].params, vec!["ids=1234:11e8".to_string()]);
         assert!(parse_show_depends("bogus line").is_err());
+    }
+
+    #[test]
+    fn module_specs() {
+        let (name, params) =
+            parse_module_spec("nvme poll_queues=2  io_queue_depth=64").unwrap_or(("", Vec::new()));
+        assert_eq!(name, "nvme");
+        assert_eq!(params, vec!["poll_queues=2", "io_queue_depth=64"]);
+        let (name, params) = parse_module_spec("vfio-pci").unwrap_or(("", Vec::new()));
+        assert_eq!(name, "vfio-pci");
+        assert!(params.is_empty());
+        assert!(parse_module_spec("  ").is_err());
+        assert!(parse_module_spec("nvme =2").is_err());
+        assert!(parse_module_spec("nvme --force").is_err());
     }
 }

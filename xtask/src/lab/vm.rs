@@ -18,7 +18,7 @@ use super::initramfs::{
     error_marker, exit_marker, HOST_ROOT_TAG, NONCE_PARAM, RUN_PARAM, SHARE_PARAM,
 };
 use super::{host, modules};
-use super::{shell_quote, LabAssets, LabDevice, LabOptions, LabTimeout};
+use super::{shell_quote, LabAssets, LabDevice, LabOptions, LabTimeout, NvmeNamespace};
 
 /// What the guest runs.
 #[derive(Debug, Clone)]
@@ -29,8 +29,8 @@ pub(crate) enum Job {
     Shell,
 }
 
-/// Size of each emulated NVMe namespace (a sparse file).
-const NVME_IMAGE_BYTES: u64 = 256 << 20;
+/// I/O queue pairs each emulated NVMe controller offers.
+const NVME_MAX_IO_QUEUE_PAIRS: u32 = 8;
 
 /// How long QEMU gets to power off after the guest reported its status.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
@@ -602,7 +602,7 @@ fn qemu_command(
     }
     // The IOMMU must come before the devices it translates for.
     cmd.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
-    cmd.args(device_args(&opts.devices, run_dir)?);
+    cmd.args(device_args(&opts.devices, &opts.nvme_namespaces, run_dir)?);
 
     let mut append = format!(
         "console=ttyS0 intel_iommu=on no_timer_check panic=-1 quiet {RUN_PARAM}{} {NONCE_PARAM}{nonce}",
@@ -627,7 +627,11 @@ fn qemu_command(
     Ok(cmd)
 }
 
-fn device_args(devices: &[LabDevice], run_dir: &Path) -> Result<Vec<String>> {
+fn device_args(
+    devices: &[LabDevice],
+    nvme_namespaces: &[NvmeNamespace],
+    run_dir: &Path,
+) -> Result<Vec<String>> {
     let mut args = Vec::new();
     let mut arg = |a: &str, b: String| {
         args.push(a.to_string());
@@ -637,23 +641,33 @@ fn device_args(devices: &[LabDevice], run_dir: &Path) -> Result<Vec<String>> {
         match device {
             LabDevice::Edu => arg("-device", "edu".to_string()),
             LabDevice::Nvme => {
-                // A fresh sparse image per run keeps runs independent (and
-                // concurrent runs free of QEMU's image locks).
-                let image = run_dir.join(format!("nvme{i}.img"));
-                let file = fs::File::create(&image)
-                    .with_context(|| format!("could not create {}", image.display()))?;
-                file.set_len(NVME_IMAGE_BYTES)
-                    .with_context(|| format!("could not size {}", image.display()))?;
-                file.set_permissions(fs::Permissions::from_mode(0o644))
-                    .with_context(|| format!("could not set permissions on {}", image.display()))?;
+                check_nvme_namespaces(nvme_namespaces)?;
                 arg(
-                    "-drive",
+                    "-device",
                     format!(
-                        "file={},if=none,id=nvm{i},format=raw",
-                        qemu_opt_value(&path_str(&image)?)
+                        "nvme,id=nvme{i},serial=ring3nvme{i},max_ioqpairs={NVME_MAX_IO_QUEUE_PAIRS}"
                     ),
                 );
-                arg("-device", format!("nvme,serial=ring3nvme{i},drive=nvm{i}"));
+                for (n, namespace) in nvme_namespaces.iter().enumerate() {
+                    let nsid = n + 1;
+                    let image = run_dir.join(format!("nvme{i}n{nsid}.img"));
+                    create_sparse_image(&image, namespace.bytes)?;
+                    arg(
+                        "-drive",
+                        format!(
+                            "file={},if=none,id=nvme{i}n{nsid},format=raw",
+                            qemu_opt_value(&path_str(&image)?)
+                        ),
+                    );
+                    arg(
+                        "-device",
+                        format!(
+                            "nvme-ns,drive=nvme{i}n{nsid},bus=nvme{i},nsid={nsid},\
+                             logical_block_size={size},physical_block_size={size}",
+                            size = namespace.block_size
+                        ),
+                    );
+                }
             }
             LabDevice::VirtioNet => {
                 arg("-netdev", format!("hubport,id=net{i},hubid=0"));
@@ -672,6 +686,41 @@ fn device_args(devices: &[LabDevice], run_dir: &Path) -> Result<Vec<String>> {
         }
     }
     Ok(args)
+}
+
+/// A fresh sparse image per run keeps runs independent (and concurrent runs
+/// free of QEMU's image locks).
+fn create_sparse_image(image: &Path, bytes: u64) -> Result<()> {
+    let file =
+        fs::File::create(image).with_context(|| format!("could not create {}", image.display()))?;
+    file.set_len(bytes)
+        .with_context(|| format!("could not size {}", image.display()))?;
+    file.set_permissions(fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("could not set permissions on {}", image.display()))?;
+    Ok(())
+}
+
+/// QEMU's own checks come late and read poorly; these name the namespace.
+fn check_nvme_namespaces(namespaces: &[NvmeNamespace]) -> Result<()> {
+    if namespaces.is_empty() {
+        bail!("an NVMe controller in the lab needs at least one namespace");
+    }
+    for (n, namespace) in namespaces.iter().enumerate() {
+        let nsid = n + 1;
+        let block = namespace.block_size;
+        if !block.is_power_of_two() || !(512..=(2 << 20)).contains(&block) {
+            bail!(
+                "NVMe namespace {nsid}: block size {block} is not a power of two from 512 B to 2 MiB"
+            );
+        }
+        if namespace.bytes == 0 || namespace.bytes % u64::from(block) != 0 {
+            bail!(
+                "NVMe namespace {nsid}: size {} bytes is not a positive multiple of its {block}-byte blocks",
+                namespace.bytes
+            );
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -995,6 +1044,47 @@ mod tests {
         );
         assert!(check_cmdline_safe(Path::new("/my work/run.sh")).is_err());
         assert!(check_cmdline_safe(Path::new("/a*/run.sh")).is_err());
+    }
+
+    #[test]
+    fn nvme_controller_with_two_namespaces() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let args = device_args(
+            &[LabDevice::Edu, LabDevice::Nvme],
+            &NvmeNamespace::default_layout(),
+            dir.path(),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        let devices: Vec<&str> = args
+            .chunks(2)
+            .filter(|pair| pair[0] == "-device")
+            .map(|pair| pair[1].as_str())
+            .collect();
+        assert_eq!(
+            devices,
+            [
+                "edu",
+                "nvme,id=nvme1,serial=ring3nvme1,max_ioqpairs=8",
+                "nvme-ns,drive=nvme1n1,bus=nvme1,nsid=1,logical_block_size=512,physical_block_size=512",
+                "nvme-ns,drive=nvme1n2,bus=nvme1,nsid=2,logical_block_size=4096,physical_block_size=4096",
+            ]
+        );
+        for nsid in [1, 2] {
+            let image = dir.path().join(format!("nvme1n{nsid}.img"));
+            let len = fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
+            assert_eq!(len, crate::lab::DEFAULT_NVME_NAMESPACE_BYTES);
+        }
+    }
+
+    #[test]
+    fn nvme_namespace_checks() {
+        let ns = |bytes, block_size| NvmeNamespace { bytes, block_size };
+        assert!(check_nvme_namespaces(&[ns(1 << 30, 4096)]).is_ok());
+        assert!(check_nvme_namespaces(&[]).is_err());
+        assert!(check_nvme_namespaces(&[ns(1 << 20, 1000)]).is_err());
+        assert!(check_nvme_namespaces(&[ns(1 << 20, 256)]).is_err());
+        assert!(check_nvme_namespaces(&[ns(4096 + 512, 4096)]).is_err());
+        assert!(check_nvme_namespaces(&[ns(0, 512)]).is_err());
     }
 
     #[test]
