@@ -23,7 +23,7 @@
 //!   and return its exit status;
 //! - [`shell`] starts an interactive guest shell.
 
-mod host;
+pub(crate) mod host;
 mod initramfs;
 mod kernel;
 mod modules;
@@ -89,6 +89,9 @@ impl fmt::Display for LabDevice {
         f.write_str(self.name())
     }
 }
+
+/// I/O queue pairs each emulated NVMe controller offers (`max_ioqpairs`).
+pub const NVME_MAX_IO_QUEUE_PAIRS: u32 = 8;
 
 /// Default size of each emulated NVMe namespace.
 pub const DEFAULT_NVME_NAMESPACE_BYTES: u64 = 256 << 20;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::{lab, tasks};
+use xtask::{bench, lab, tasks};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,6 +32,10 @@ enum Command {
     Test(tasks::TestArgs),
     /// Boot the lab VM and run the edu driver through VFIO, printing each step.
     Demo,
+    /// Measure a ring3 driver against its kernel peer in the lab VM and write a report
+    /// (QEMU TCG: only the ratios between drivers mean anything).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 impl Command {
@@ -41,6 +45,7 @@ impl Command {
             Command::Lab(cmd) => cmd.run(),
             Command::Test(args) => tasks::test(args),
             Command::Demo => tasks::demo(),
+            Command::Bench(cmd) => cmd.run(),
         }
     }
 }
@@ -53,5 +58,40 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::from(lab::exit_status_for_error(&err))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_and_option_has_help() {
+        fn check(command: &clap::Command, path: &str) {
+            let path = format!("{path} {}", command.get_name());
+            assert!(command.get_about().is_some(), "`{path}` has no help text");
+            for argument in command.get_arguments() {
+                let id = argument.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(
+                    argument.get_help().is_some(),
+                    "`{path}` option {id} has no help text"
+                );
+            }
+            for subcommand in command.get_subcommands() {
+                if subcommand.get_name() != "help" {
+                    check(subcommand, &path);
+                }
+            }
+        }
+        check(&Cli::command(), "");
     }
 }

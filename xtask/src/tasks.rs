@@ -58,17 +58,20 @@ pub struct TestArgs {
     pub timeout: u64,
 }
 
-fn step(name: &str) {
+/// Announces a step of a task.
+pub(crate) fn step(name: &str) {
     println!("\n==> {name}");
 }
 
-fn cargo() -> Command {
+/// `cargo` (the one running this xtask), in the workspace root.
+pub(crate) fn cargo() -> Command {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command.current_dir(lab::workspace_root());
     command
 }
 
-fn run_checked(mut command: Command, what: &str) -> Result<()> {
+/// Runs `command` with inherited output; fails unless it succeeds.
+pub(crate) fn run_checked(mut command: Command, what: &str) -> Result<()> {
     let status = command
         .status()
         .with_context(|| format!("could not start {what}"))?;

@@ -18,7 +18,10 @@ use super::initramfs::{
     error_marker, exit_marker, HOST_ROOT_TAG, NONCE_PARAM, RUN_PARAM, SHARE_PARAM,
 };
 use super::{host, modules};
-use super::{shell_quote, LabAssets, LabDevice, LabOptions, LabTimeout, NvmeNamespace};
+use super::{
+    shell_quote, LabAssets, LabDevice, LabOptions, LabTimeout, NvmeNamespace,
+    NVME_MAX_IO_QUEUE_PAIRS,
+};
 
 /// What the guest runs.
 #[derive(Debug, Clone)]
@@ -28,9 +31,6 @@ pub(crate) enum Job {
     /// An interactive shell on the serial console.
     Shell,
 }
-
-/// I/O queue pairs each emulated NVMe controller offers.
-const NVME_MAX_IO_QUEUE_PAIRS: u32 = 8;
 
 /// How long QEMU gets to power off after the guest reported its status.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
