@@ -1,15 +1,34 @@
 //! A model of an NVMe controller for [`ring3::fake::FakeBackend`], so the driver is tested
 //! without QEMU.
 //!
-//! It implements the registers of NVMe Base 2.0, 3.1.4, the enable/disable handshake
-//! (CC.EN → CSTS.RDY), and the admin queue: a write to the admin SQ tail doorbell makes
-//! it fetch each new submission entry by DMA ([`DeviceContext::dma_read`]), execute it
-//! (Identify Controller; anything else fails with "invalid command opcode") and post a
-//! completion with the current phase tag ([`DeviceContext::dma_write`]). The work is done
-//! synchronously inside the doorbell write, so tests are deterministic.
+//! It behaves like an NVMe Base 2.0 controller on PCIe with the NVM command set:
 //!
-//! Knobs make it misbehave: never set CSTS.RDY, set CSTS.CFS on enable, answer with a
-//! command ID or an SQ head of its choosing, report other Identify values.
+//! - **Registers** (3.1.4): CAP, VS, INTMS/INTMC, CC, CSTS, AQA, ASQ, ACQ, and the
+//!   enable/disable handshake (CC.EN → CSTS.RDY). Clearing CC.EN is a controller reset: every
+//!   I/O queue, held completion and feature value is dropped; namespace data persists, as
+//!   media would.
+//! - **Queues** (3.3): a write to an SQ tail doorbell makes the model fetch each new entry by
+//!   DMA ([`DeviceContext::dma_read`]), execute it and post a completion with the queue's
+//!   phase tag ([`DeviceContext::dma_write`]), then signal the completion queue's interrupt
+//!   ([`DeviceContext::raise_irq`]; the vector is the queue's IV under MSI-X, vector 0
+//!   otherwise, where INTMS bit 0 masks it). A full completion queue stops fetching until
+//!   its head doorbell moves. Doorbell values outside a queue are ignored.
+//! - **Admin commands** (5): Identify (CNS 00h namespace, 01h controller, 02h active
+//!   namespace list, 03h namespace identification descriptors), Set/Get Features (Number of
+//!   Queues, Volatile Write Cache), Create/Delete I/O Submission and Completion Queue, Get
+//!   Log Page (Error Information, SMART / Health Information, Firmware Slot Information),
+//!   Abort and Asynchronous Event Request (accepted, never completed: nothing happens).
+//! - **NVM commands**: Read, Write, Flush, Write Zeroes and Dataset Management (deallocated
+//!   blocks read back as zeroes), with data through PRP entries and PRP lists in pages of
+//!   CC.MPS. Namespaces live in memory, sparsely, so a large one costs only what is written.
+//!
+//! Everything happens synchronously inside the register write that starts it, so tests are
+//! deterministic. Nothing the driver writes makes the model panic: bad commands get the
+//! specification's status, bad queue memory sets CSTS.CFS.
+//!
+//! Knobs make it misbehave: never set CSTS.RDY, set CSTS.CFS on enable or after some
+//! commands, answer with a command ID, SQ head or status of its choosing, ignore doorbells,
+//! post completions in reverse order or hold them back, report other Identify values.
 //!
 //! ```
 //! use ring3_nvme::{model, Controller, ControllerOptions};
@@ -19,16 +38,27 @@
 //! assert!(Controller::new(backend, ControllerOptions::default()).is_err());
 //! ```
 
+use std::collections::{BTreeMap, VecDeque};
 use std::mem::offset_of;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use ring3::fake::{DeviceContext, DeviceModel, FakeBackend, FakeDevice};
 use ring3::IrqMode;
 
-use crate::command::{admin, cns, SubmissionEntry, SUBMISSION_ENTRY_SIZE};
-use crate::completion::{CompletionEntry, Status as CompletionStatus, COMPLETION_ENTRY_SIZE};
-use crate::identify::{offsets, IDENTIFY_SIZE};
+use crate::command::SubmissionEntry;
+use crate::completion::{Status as CompletionStatus, StatusCodeType};
 use crate::registers::{Configuration, ControllerRegisters, Status, CLASS_CODE, DOORBELL_BASE};
+
+mod admin;
+mod media;
+mod nvm;
+mod queues;
+#[cfg(test)]
+mod tests;
+mod transfer;
+
+use media::Namespace;
+use queues::{CompletionQueue, SubmissionQueue};
 
 /// The PCI identity of QEMU's NVMe controller (1b36:0010), class NVMe.
 pub const NVME_FAKE_DEVICE: FakeDevice = FakeDevice {
@@ -37,11 +67,21 @@ pub const NVME_FAKE_DEVICE: FakeDevice = FakeDevice {
     class_code: CLASS_CODE,
 };
 
-/// Size of the model's BAR0: registers, then doorbells for 1024 queue pairs.
+/// Size of the model's BAR0: registers, then doorbells for 1536 queue pairs.
 pub const MODEL_BAR0_SIZE: usize = 0x4000;
 
 /// The model's model number in Identify Controller.
 pub const MODEL_NUMBER: &str = "ring3 fake NVMe controller";
+
+/// CAP.MQES + 1: the most entries an I/O queue may have.
+pub const MODEL_MAX_QUEUE_ENTRIES: u32 = 2048;
+
+/// The most I/O queues whose doorbells fit in [`MODEL_BAR0_SIZE`] (queue IDs 1..=1535).
+pub const MODEL_MAX_IO_QUEUES: u16 = ((MODEL_BAR0_SIZE - DOORBELL_BASE) / 8 - 1) as u16;
+
+/// Namespaces after power-on: NSID 1 of 64 MiB in 512-byte blocks, NSID 2 of 64 MiB in
+/// 4096-byte blocks, as (blocks, block size).
+pub const DEFAULT_NAMESPACES: [(u64, u32); 2] = [(131_072, 512), (16_384, 4096)];
 
 /// A fake backend with an NVMe model, named `name`.
 pub fn fake_nvme(name: &str) -> FakeBackend<NvmeModel> {
@@ -59,6 +99,84 @@ const AQA: u64 = offset_of!(ControllerRegisters, aqa) as u64;
 const ASQ: u64 = offset_of!(ControllerRegisters, asq) as u64;
 const ACQ: u64 = offset_of!(ControllerRegisters, acq) as u64;
 
+/// VS: NVMe 2.0.0.
+const VERSION: u32 = 0x0002_0000;
+
+/// Status codes the model answers with (4.2.3, figures "Generic Command Status Values" and
+/// "Command Specific Status Values").
+mod sc {
+    pub const INVALID_OPCODE: u8 = 0x01;
+    pub const INVALID_FIELD: u8 = 0x02;
+    pub const DATA_TRANSFER_ERROR: u8 = 0x04;
+    pub const ABORT_REQUESTED: u8 = 0x07;
+    pub const ABORTED_SQ_DELETION: u8 = 0x08;
+    pub const INVALID_NAMESPACE: u8 = 0x0b;
+    pub const COMMAND_SEQUENCE_ERROR: u8 = 0x0c;
+    pub const PRP_OFFSET_INVALID: u8 = 0x13;
+    pub const LBA_OUT_OF_RANGE: u8 = 0x80;
+
+    // Command specific.
+    pub const COMPLETION_QUEUE_INVALID: u8 = 0x00;
+    pub const INVALID_QUEUE_IDENTIFIER: u8 = 0x01;
+    pub const INVALID_QUEUE_SIZE: u8 = 0x02;
+    pub const ASYNC_EVENT_LIMIT_EXCEEDED: u8 = 0x05;
+    pub const INVALID_INTERRUPT_VECTOR: u8 = 0x08;
+    pub const INVALID_LOG_PAGE: u8 = 0x09;
+    pub const INVALID_QUEUE_DELETION: u8 = 0x0c;
+    pub const FEATURE_NOT_SAVEABLE: u8 = 0x0d;
+}
+
+/// A generic status with DNR set: the same command would fail again.
+fn generic(code: u8) -> CompletionStatus {
+    CompletionStatus::generic(code)
+}
+
+/// A command-specific status with DNR set.
+fn specific(code: u8) -> CompletionStatus {
+    CompletionStatus {
+        code_type: StatusCodeType::CommandSpecific,
+        do_not_retry: true,
+        ..generic(code)
+    }
+}
+
+/// A generic status without DNR: the command was aborted, and resubmitting it may succeed.
+fn aborted(code: u8) -> CompletionStatus {
+    CompletionStatus {
+        code,
+        ..CompletionStatus::SUCCESS
+    }
+}
+
+/// What executing a command produced: its status and completion dword 0.
+#[derive(Debug, Clone, Copy)]
+struct Outcome {
+    status: CompletionStatus,
+    result: u32,
+}
+
+impl Outcome {
+    fn success(result: u32) -> Self {
+        Outcome {
+            status: CompletionStatus::SUCCESS,
+            result,
+        }
+    }
+
+    fn failed(status: CompletionStatus) -> Self {
+        Outcome { status, result: 0 }
+    }
+}
+
+impl From<Result<u32, CompletionStatus>> for Outcome {
+    fn from(result: Result<u32, CompletionStatus>) -> Self {
+        match result {
+            Ok(dword0) => Outcome::success(dword0),
+            Err(status) => Outcome::failed(status),
+        }
+    }
+}
+
 /// What the model answers, and how it misbehaves.
 #[derive(Debug, Clone)]
 struct Knobs {
@@ -67,23 +185,63 @@ struct Knobs {
     fatal_on_enable: bool,
     bogus_command_id: Option<u16>,
     bogus_sq_head: Option<u16>,
+    bogus_status: Option<CompletionStatus>,
     ignore_doorbells: bool,
+    reorder_completions: bool,
+    hold_completions: bool,
+    fatal_after: Option<u64>,
     mdts: u8,
     sqes: u8,
     cqes: u8,
-    namespace_count: u32,
+    namespace_count: Option<u32>,
+    max_io_queues: u16,
+    msix_vectors: u32,
 }
 
-/// The admin queue as the controller sees it.
-#[derive(Debug, Default, Clone, Copy)]
-struct AdminQueue {
-    sq_entries: u16,
-    cq_entries: u16,
-    sq_head: u16,
-    sq_tail: u16,
-    cq_head: u16,
-    cq_tail: u16,
-    phase: bool,
+/// Feature values, back to their defaults on every controller reset.
+#[derive(Debug, Clone, Copy)]
+struct Features {
+    /// Number of Queues as allocated by Set Features: (NSQA, NCQA), 0-based.
+    queues: Option<(u16, u16)>,
+    volatile_write_cache: bool,
+}
+
+impl Default for Features {
+    fn default() -> Self {
+        Features {
+            queues: None,
+            volatile_write_cache: true,
+        }
+    }
+}
+
+/// One entry of the Error Information log (5.16.1.2).
+#[derive(Debug, Clone, Copy)]
+struct ErrorRecord {
+    count: u64,
+    sq_id: u16,
+    command_id: u16,
+    status: CompletionStatus,
+    lba: u64,
+    nsid: u32,
+}
+
+/// How many entries the Error Information log keeps (ELPE + 1).
+const ERROR_LOG_ENTRIES: usize = 64;
+
+/// Counts for SMART / Health Information and for tests.
+#[derive(Debug, Default, Clone)]
+struct Counters {
+    completions: u64,
+    phase_flips: u64,
+    interrupts: BTreeMap<u32, u64>,
+    flushes: u64,
+    reads: u64,
+    writes: u64,
+    bytes_read: u64,
+    bytes_written: u64,
+    errors: u64,
+    unsafe_shutdowns: u64,
 }
 
 struct State {
@@ -93,11 +251,70 @@ struct State {
     aqa: u32,
     asq: u64,
     acq: u64,
-    admin: AdminQueue,
+    /// CC.MPS as a shift, fixed when the controller was enabled.
+    page_shift: u8,
+    submission_queues: BTreeMap<u16, SubmissionQueue>,
+    completion_queues: BTreeMap<u16, CompletionQueue>,
+    features: Features,
+    async_events_outstanding: u32,
+    namespaces: Vec<Namespace>,
     knobs: Knobs,
     commands: Vec<SubmissionEntry>,
-    completions: u64,
-    phase_flips: u64,
+    counters: Counters,
+    error_log: VecDeque<ErrorRecord>,
+}
+
+impl State {
+    /// Whether the controller processes commands: enabled, ready and not failed.
+    fn running(&self) -> bool {
+        self.csts & (Status::RDY.bits() | Status::CFS.bits()) == Status::RDY.bits()
+    }
+
+    fn fail(&mut self) {
+        self.csts |= Status::CFS.bits();
+    }
+
+    /// NN: the largest namespace ID (the knob may claim more than there are).
+    fn namespace_count(&self) -> u32 {
+        self.knobs
+            .namespace_count
+            .unwrap_or(u32::try_from(self.namespaces.len()).unwrap_or(u32::MAX))
+    }
+
+    /// The active namespace `nsid`, if there is one.
+    fn namespace_index(&self, nsid: u32) -> Option<usize> {
+        let index = usize::try_from(nsid.checked_sub(1)?).ok()?;
+        (index < self.namespaces.len()).then_some(index)
+    }
+
+    /// Submission and completion I/O queues allocated (1-based).
+    fn queues_allocated(&self) -> (u16, u16) {
+        let (sq, cq) = self.features.queues.unwrap_or_else(|| {
+            let most = self.max_io_queues() - 1;
+            (most, most)
+        });
+        (sq + 1, cq + 1)
+    }
+
+    fn max_io_queues(&self) -> u16 {
+        self.knobs.max_io_queues.clamp(1, MODEL_MAX_IO_QUEUES)
+    }
+
+    fn has_io_queues(&self) -> bool {
+        self.submission_queues
+            .keys()
+            .chain(self.completion_queues.keys())
+            .any(|&id| id != 0)
+    }
+
+    /// Controller reset (CC.EN 1 → 0, 3.7.2): queues, in-flight work and features are gone.
+    fn reset_controller(&mut self) {
+        self.submission_queues.clear();
+        self.completion_queues.clear();
+        self.features = Features::default();
+        self.async_events_outstanding = 0;
+        self.csts = 0;
+    }
 }
 
 /// The NVMe controller model.
@@ -108,6 +325,12 @@ pub struct NvmeModel {
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn namespaces_from(list: &[(u64, u32)]) -> Vec<Namespace> {
+    list.iter()
+        .map(|&(blocks, block_size)| Namespace::new(blocks, block_size))
+        .collect()
 }
 
 impl NvmeModel {
@@ -122,22 +345,33 @@ impl NvmeModel {
                 aqa: 0,
                 asq: 0,
                 acq: 0,
-                admin: AdminQueue::default(),
+                page_shift: 12,
+                submission_queues: BTreeMap::new(),
+                completion_queues: BTreeMap::new(),
+                features: Features::default(),
+                async_events_outstanding: 0,
+                namespaces: namespaces_from(&DEFAULT_NAMESPACES),
                 knobs: Knobs {
                     timeout_units: 1,
                     never_ready: false,
                     fatal_on_enable: false,
                     bogus_command_id: None,
                     bogus_sq_head: None,
+                    bogus_status: None,
                     ignore_doorbells: false,
+                    reorder_completions: false,
+                    hold_completions: false,
+                    fatal_after: None,
                     mdts: 7,
                     sqes: 0x66,
                     cqes: 0x44,
-                    namespace_count: 1,
+                    namespace_count: None,
+                    max_io_queues: 8,
+                    msix_vectors: 9,
                 },
                 commands: Vec::new(),
-                completions: 0,
-                phase_flips: 0,
+                counters: Counters::default(),
+                error_log: VecDeque::new(),
             }),
         }
     }
@@ -159,14 +393,21 @@ impl NvmeModel {
         lock(&self.state).knobs.fatal_on_enable = fatal;
     }
 
-    /// Answer the next command with this command ID instead of the submitted one.
+    /// Answer the next completion (on any queue) with this command ID instead of the
+    /// submitted one.
     pub fn set_bogus_command_id(&self, command_id: u16) {
         lock(&self.state).knobs.bogus_command_id = Some(command_id);
     }
 
-    /// Report this SQ head in the next completion instead of the real one.
+    /// Report this SQ head in the next completion (on any queue) instead of the real one.
     pub fn set_bogus_sq_head(&self, sq_head: u16) {
         lock(&self.state).knobs.bogus_sq_head = Some(sq_head);
+    }
+
+    /// Post the next completion (on any queue) with this status instead of the real one
+    /// (the command still takes effect).
+    pub fn set_bogus_status(&self, status: CompletionStatus) {
+        lock(&self.state).knobs.bogus_status = Some(status);
     }
 
     /// Ignore doorbell writes, so commands are never fetched or completed.
@@ -174,7 +415,37 @@ impl NvmeModel {
         lock(&self.state).knobs.ignore_doorbells = ignore;
     }
 
-    /// Identify Controller's MDTS (default 7: 512 KiB with 4 KiB pages).
+    /// Post the completions of the commands fetched by one doorbell write in reverse order.
+    pub fn set_reorder_completions(&self, reorder: bool) {
+        lock(&self.state).knobs.reorder_completions = reorder;
+    }
+
+    /// Fetch and execute I/O commands but hold their completions back; clearing the knob
+    /// posts the held ones at once. The admin queue keeps completing, so the driver can
+    /// abort commands (which completes them with "command abort requested") and delete
+    /// queues (which completes them with "command aborted due to SQ deletion").
+    pub fn set_hold_completions(&self, hold: bool) {
+        let mut state = lock(&self.state);
+        state.knobs.hold_completions = hold;
+        if !hold {
+            self.release_held(&mut state);
+        }
+    }
+
+    /// Set CSTS.CFS and stop processing once `commands` more commands (on any queue) have
+    /// been executed and completed; 0 fails the controller now. A reset clears the knob.
+    pub fn set_fatal_after(&self, commands: u64) {
+        let mut state = lock(&self.state);
+        if commands == 0 {
+            state.knobs.fatal_after = None;
+            state.fail();
+        } else {
+            state.knobs.fatal_after = Some(commands);
+        }
+    }
+
+    /// Identify Controller's MDTS (default 7: 512 KiB in 4 KiB pages), also enforced on
+    /// transfers; 0 is no limit.
     pub fn set_mdts(&self, mdts: u8) {
         lock(&self.state).knobs.mdts = mdts;
     }
@@ -184,9 +455,31 @@ impl NvmeModel {
         lock(&self.state).knobs.sqes = sqes;
     }
 
-    /// Identify Controller's NN (default 1).
+    /// Overrides Identify Controller's NN (default: the number of namespaces). IDs above
+    /// the namespaces that exist are valid but inactive.
     pub fn set_namespace_count(&self, count: u32) {
-        lock(&self.state).knobs.namespace_count = count;
+        lock(&self.state).knobs.namespace_count = Some(count);
+    }
+
+    /// Replaces the namespaces with empty ones of (blocks, block size), NSIDs from 1.
+    ///
+    /// # Panics
+    /// If a block size is not a power of two from 512 to 65536, or a namespace has no
+    /// blocks or more bytes than fit in 64 bits (a mistake in the test).
+    pub fn set_namespaces(&self, namespaces: &[(u64, u32)]) {
+        lock(&self.state).namespaces = namespaces_from(namespaces);
+    }
+
+    /// The most I/O queues of each kind Set Features Number of Queues grants (default 8,
+    /// limited to 1..=[`MODEL_MAX_IO_QUEUES`]).
+    pub fn set_max_io_queues(&self, queues: u16) {
+        lock(&self.state).knobs.max_io_queues = queues;
+    }
+
+    /// How many MSI-X vectors the device offers (default 9: admin plus 8 I/O queues);
+    /// Create I/O Completion Queue refuses vectors from this number up.
+    pub fn set_msix_vectors(&self, vectors: u32) {
+        lock(&self.state).knobs.msix_vectors = vectors;
     }
 
     // --- inspection ---
@@ -196,19 +489,137 @@ impl NvmeModel {
         self.ctx.dma_write(iova, data)
     }
 
-    /// Every submission entry the controller fetched, in order.
+    /// Every submission entry the controller fetched, on any queue, in order.
     pub fn commands(&self) -> Vec<SubmissionEntry> {
         lock(&self.state).commands.clone()
     }
 
-    /// How many completions it posted.
+    /// How many completions it posted, on all queues.
     pub fn completions_posted(&self) -> u64 {
-        lock(&self.state).completions
+        lock(&self.state).counters.completions
     }
 
     /// How many times its admin completion tail wrapped (and its phase flipped).
     pub fn phase_flips(&self) -> u64 {
-        lock(&self.state).phase_flips
+        lock(&self.state).counters.phase_flips
+    }
+
+    /// How many times it signalled interrupt `vector` (delivered or not: a vector the
+    /// driver did not enable loses its interrupts, as on hardware).
+    pub fn interrupts_raised(&self, vector: u32) -> u64 {
+        let state = lock(&self.state);
+        state.counters.interrupts.get(&vector).copied().unwrap_or(0)
+    }
+
+    /// How many Flush commands succeeded.
+    pub fn flushes(&self) -> u64 {
+        lock(&self.state).counters.flushes
+    }
+
+    /// How many Read and Write commands succeeded: (reads, writes).
+    pub fn reads_and_writes(&self) -> (u64, u64) {
+        let state = lock(&self.state);
+        (state.counters.reads, state.counters.writes)
+    }
+
+    /// How many I/O submission queues exist.
+    pub fn io_queue_count(&self) -> usize {
+        let state = lock(&self.state);
+        state
+            .submission_queues
+            .keys()
+            .filter(|&&id| id != 0)
+            .count()
+    }
+
+    /// How many I/O completion queues exist.
+    pub fn io_completion_queue_count(&self) -> usize {
+        let state = lock(&self.state);
+        state
+            .completion_queues
+            .keys()
+            .filter(|&&id| id != 0)
+            .count()
+    }
+
+    /// Whether submission queue `queue_id` exists (0 is the admin queue, while enabled).
+    pub fn submission_queue_exists(&self, queue_id: u16) -> bool {
+        lock(&self.state).submission_queues.contains_key(&queue_id)
+    }
+
+    /// Whether completion queue `queue_id` exists.
+    pub fn completion_queue_exists(&self, queue_id: u16) -> bool {
+        lock(&self.state).completion_queues.contains_key(&queue_id)
+    }
+
+    /// Whether a submission or completion queue `queue_id` exists.
+    pub fn queue_exists(&self, queue_id: u16) -> bool {
+        self.submission_queue_exists(queue_id) || self.completion_queue_exists(queue_id)
+    }
+
+    /// How many completions are being held back ([`NvmeModel::set_hold_completions`]).
+    pub fn held_completions(&self) -> usize {
+        let state = lock(&self.state);
+        state
+            .completion_queues
+            .values()
+            .map(|cq| cq.held.len())
+            .sum()
+    }
+
+    /// Asynchronous Event Requests outstanding (they never complete).
+    pub fn async_events_outstanding(&self) -> u32 {
+        lock(&self.state).async_events_outstanding
+    }
+
+    /// How many failed I/O commands were recorded in the Error Information log.
+    pub fn error_count(&self) -> u64 {
+        lock(&self.state).counters.errors
+    }
+
+    /// `blocks` blocks of namespace `nsid` from `lba`, straight from the media.
+    ///
+    /// # Panics
+    /// If the namespace does not exist or the range is outside it (a mistake in the test).
+    pub fn namespace_read(&self, nsid: u32, lba: u64, blocks: u64) -> Vec<u8> {
+        let state = lock(&self.state);
+        let namespace = Self::test_range(&state, nsid, lba, blocks);
+        let mut data = vec![0; (blocks * u64::from(namespace.block_size())) as usize];
+        namespace.read(lba * u64::from(namespace.block_size()), &mut data);
+        data
+    }
+
+    /// Writes `data` (whole blocks) to namespace `nsid` from `lba`, straight to the media.
+    ///
+    /// # Panics
+    /// If the namespace does not exist, `data` is not whole blocks or the range is outside
+    /// the namespace (a mistake in the test).
+    pub fn namespace_write(&self, nsid: u32, lba: u64, data: &[u8]) {
+        let mut state = lock(&self.state);
+        let block_size = Self::test_range(&state, nsid, lba, 0).block_size();
+        assert!(
+            data.len() % block_size as usize == 0,
+            "{} bytes are not whole blocks of {block_size}",
+            data.len()
+        );
+        let blocks = (data.len() / block_size as usize) as u64;
+        Self::test_range(&state, nsid, lba, blocks);
+        let index = (nsid - 1) as usize;
+        state.namespaces[index].write(lba * u64::from(block_size), data);
+    }
+
+    fn test_range(state: &State, nsid: u32, lba: u64, blocks: u64) -> &Namespace {
+        let index = state
+            .namespace_index(nsid)
+            .unwrap_or_else(|| panic!("namespace {nsid} does not exist"));
+        let namespace = &state.namespaces[index];
+        assert!(
+            lba.checked_add(blocks)
+                .is_some_and(|end| end <= namespace.blocks()),
+            "blocks {lba}..+{blocks} are outside namespace {nsid} of {} blocks",
+            namespace.blocks()
+        );
+        namespace
     }
 
     /// CC as last written.
@@ -222,9 +633,15 @@ impl NvmeModel {
         (state.aqa, state.asq, state.acq)
     }
 
+    // --- registers ---
+
     fn capabilities(knobs: &Knobs) -> u64 {
-        // MQES 2047, CQR, TO, DSTRD 0, CSS NVM, MPSMIN 4 KiB, MPSMAX 64 KiB.
-        0x7ff | (1 << 16) | (u64::from(knobs.timeout_units) << 24) | (1 << 37) | (4 << 52)
+        // MQES, CQR, TO, DSTRD 0, CSS NVM, MPSMIN 4 KiB, MPSMAX 64 KiB.
+        u64::from(MODEL_MAX_QUEUE_ENTRIES - 1)
+            | (1 << 16)
+            | (u64::from(knobs.timeout_units) << 24)
+            | (1 << 37)
+            | (4 << 52)
     }
 
     fn read_dword(&self, state: &State, offset: u64) -> u32 {
@@ -232,7 +649,7 @@ impl NvmeModel {
         match offset {
             CAP => cap as u32,
             o if o == CAP + 4 => (cap >> 32) as u32,
-            VS => 0x0002_0000,
+            VS => VERSION,
             INTMS | INTMC => state.interrupt_mask,
             CC => state.cc,
             CSTS => state.csts,
@@ -269,153 +686,63 @@ impl NvmeModel {
         let new = Configuration(value);
         state.cc = value;
         if !old.enabled() && new.enabled() {
-            let sq_entries = (state.aqa & 0xfff) as u16 + 1;
-            let cq_entries = ((state.aqa >> 16) & 0xfff) as u16 + 1;
-            let page_mask = (1u64 << new.page_shift()) - 1;
-            let valid = state.aqa != 0
+            // AQA sizes are 0-based; each queue needs at least two slots.
+            let sq_entries = (state.aqa & 0xfff) + 1;
+            let cq_entries = ((state.aqa >> 16) & 0xfff) + 1;
+            let page_shift = new.page_shift();
+            let page_mask = 1u64
+                .checked_shl(u32::from(page_shift))
+                .map_or(u64::MAX, |page| page - 1);
+            let valid = sq_entries >= 2
+                && cq_entries >= 2
                 && state.asq != 0
                 && state.acq != 0
                 && (state.asq | state.acq) & page_mask == 0
                 && new.command_set() == Configuration::CSS_NVM
-                && (12..=16).contains(&new.page_shift());
+                && (12..=16).contains(&page_shift);
             if state.knobs.fatal_on_enable || !valid {
-                state.csts |= Status::CFS.bits();
+                state.fail();
                 return;
             }
-            state.admin = AdminQueue {
-                sq_entries,
-                cq_entries,
-                phase: true,
-                ..AdminQueue::default()
-            };
+            state.page_shift = page_shift;
+            state
+                .submission_queues
+                .insert(0, SubmissionQueue::new(state.asq, sq_entries as u16, 0));
+            state.completion_queues.insert(
+                0,
+                CompletionQueue::new(state.acq, cq_entries as u16, Some(0)),
+            );
             if !state.knobs.never_ready {
                 state.csts |= Status::RDY.bits();
             }
         } else if old.enabled() && !new.enabled() {
-            // Controller reset: queues are gone, status back to its reset value.
-            state.admin = AdminQueue::default();
-            state.csts = 0;
+            // Controller reset: queues are gone, status back to its reset value. Without a
+            // completed shutdown first, it counts as an unsafe shutdown.
+            if (state.csts >> 2) & 0x3 != 2 {
+                state.counters.unsafe_shutdowns += 1;
+            }
+            state.reset_controller();
         }
         if new.shutdown_bits() != 0 {
             state.csts = (state.csts & !(0x3 << 2)) | (2 << 2);
         }
     }
 
+    /// A doorbell write (3.1.4 "Offset 1000h + ..."; DSTRD is 0, so doorbells are 4 bytes
+    /// apart: SQ y tail at 2y, CQ y head at 2y + 1).
     fn doorbell(&self, state: &mut State, offset: u64, value: u32) {
-        let index = (offset - DOORBELL_BASE as u64) / 4;
-        let (queue, completion) = (index / 2, index % 2 == 1);
-        let ready = state.csts & Status::RDY.bits() != 0;
-        if queue != 0 || !ready || state.knobs.ignore_doorbells {
+        if state.knobs.ignore_doorbells || !state.running() || offset % 4 != 0 {
             return;
         }
-        let admin = &mut state.admin;
-        if completion {
-            if value < u32::from(admin.cq_entries) {
-                admin.cq_head = value as u16;
-            }
-            // A head moved on may make room for completions that were waiting.
-            self.process_admin(state);
-        } else if value < u32::from(admin.sq_entries) {
-            admin.sq_tail = value as u16;
-            self.process_admin(state);
-        }
-    }
-
-    /// Executes admin commands from the SQ head to the tail while the CQ has room.
-    fn process_admin(&self, state: &mut State) {
-        loop {
-            let admin = state.admin;
-            if admin.sq_head == admin.sq_tail {
-                return;
-            }
-            let next_cq_tail = (admin.cq_tail + 1) % admin.cq_entries;
-            if next_cq_tail == admin.cq_head {
-                return;
-            }
-            let mut bytes = [0u8; SUBMISSION_ENTRY_SIZE];
-            let fetch = state.asq + u64::from(admin.sq_head) * SUBMISSION_ENTRY_SIZE as u64;
-            if self.ctx.dma_read(fetch, &mut bytes).is_err() {
-                state.csts |= Status::CFS.bits();
-                return;
-            }
-            let entry = SubmissionEntry::from_bytes(bytes);
-            state.commands.push(entry);
-            state.admin.sq_head = (admin.sq_head + 1) % admin.sq_entries;
-            let (status, result) = self.execute(state, &entry);
-
-            let admin = state.admin;
-            let completion = CompletionEntry {
-                result,
-                dword1: 0,
-                sq_head: state.knobs.bogus_sq_head.take().unwrap_or(admin.sq_head),
-                sq_id: 0,
-                command_id: state
-                    .knobs
-                    .bogus_command_id
-                    .take()
-                    .unwrap_or(entry.command_id()),
-                phase: admin.phase,
-                status,
-            };
-            let post = state.acq + u64::from(admin.cq_tail) * COMPLETION_ENTRY_SIZE as u64;
-            if self.ctx.dma_write(post, &completion.to_bytes()).is_err() {
-                state.csts |= Status::CFS.bits();
-                return;
-            }
-            state.completions += 1;
-            state.admin.cq_tail = next_cq_tail;
-            if next_cq_tail == 0 {
-                state.admin.phase = !admin.phase;
-                state.phase_flips += 1;
-            }
-            if state.interrupt_mask & 1 == 0 {
-                self.ctx.raise_irq(0);
-            }
-        }
-    }
-
-    fn execute(&self, state: &State, entry: &SubmissionEntry) -> (CompletionStatus, u32) {
-        match entry.opcode() {
-            admin::IDENTIFY => {
-                let cns = (entry.dword(10) & 0xff) as u8;
-                if cns != cns::CONTROLLER {
-                    return (CompletionStatus::generic(0x02), 0);
-                }
-                // One page at PRP1: it must start on a page boundary.
-                let page_mask = (1u64 << Configuration(state.cc).page_shift()) - 1;
-                if entry.prp1() & page_mask != 0 {
-                    return (CompletionStatus::generic(0x13), 0);
-                }
-                let data = self.identify_controller(&state.knobs);
-                match self.ctx.dma_write(entry.prp1(), &data) {
-                    Ok(()) => (CompletionStatus::SUCCESS, 0),
-                    Err(_) => (CompletionStatus::generic(0x04), 0),
-                }
-            }
-            _ => (CompletionStatus::generic(0x01), 0),
-        }
-    }
-
-    fn identify_controller(&self, knobs: &Knobs) -> Vec<u8> {
-        let mut data = vec![0u8; IDENTIFY_SIZE];
-        let mut put = |at: usize, bytes: &[u8]| data[at..at + bytes.len()].copy_from_slice(bytes);
-        let padded = |text: &str, len: usize| {
-            let mut field = vec![b' '; len];
-            field[..text.len()].copy_from_slice(text.as_bytes());
-            field
+        let index = (offset - DOORBELL_BASE as u64) / 4;
+        let Ok(queue_id) = u16::try_from(index / 2) else {
+            return;
         };
-        put(offsets::VID, &0x1b36u16.to_le_bytes());
-        put(offsets::SSVID, &0x1af4u16.to_le_bytes());
-        put(offsets::SN, &padded("RING3FAKE0001", 20));
-        put(offsets::MN, &padded(MODEL_NUMBER, 40));
-        put(offsets::FR, &padded("1.0", 8));
-        put(offsets::MDTS, &[knobs.mdts]);
-        put(offsets::CNTLID, &1u16.to_le_bytes());
-        put(offsets::VER, &0x0002_0000u32.to_le_bytes());
-        put(offsets::SQES, &[knobs.sqes]);
-        put(offsets::CQES, &[knobs.cqes]);
-        put(offsets::NN, &knobs.namespace_count.to_le_bytes());
-        data
+        if index % 2 == 1 {
+            self.completion_head_doorbell(state, queue_id, value);
+        } else {
+            self.submission_tail_doorbell(state, queue_id, value);
+        }
     }
 }
 
@@ -430,7 +757,7 @@ impl DeviceModel for NvmeModel {
             (0, 4) => u64::from(self.read_dword(&state, offset)),
             (0, 8) => {
                 u64::from(self.read_dword(&state, offset))
-                    | (u64::from(self.read_dword(&state, offset + 4)) << 32)
+                    | (u64::from(self.read_dword(&state, offset.saturating_add(4))) << 32)
             }
             _ => 0,
         }
@@ -442,7 +769,7 @@ impl DeviceModel for NvmeModel {
             (0, 4) => self.write_dword(&mut state, offset, value as u32),
             (0, 8) => {
                 self.write_dword(&mut state, offset, value as u32);
-                self.write_dword(&mut state, offset + 4, (value >> 32) as u32);
+                self.write_dword(&mut state, offset.saturating_add(4), (value >> 32) as u32);
             }
             _ => {}
         }
@@ -451,18 +778,17 @@ impl DeviceModel for NvmeModel {
     fn interrupt_count(&self, mode: IrqMode) -> u32 {
         match mode {
             IrqMode::Intx | IrqMode::Msi => 1,
-            IrqMode::MsiX => 0,
+            IrqMode::MsiX => lock(&self.state).knobs.msix_vectors,
         }
     }
 
     fn reset(&self) {
         let mut state = lock(&self.state);
+        state.reset_controller();
         state.cc = 0;
-        state.csts = 0;
         state.aqa = 0;
         state.asq = 0;
         state.acq = 0;
         state.interrupt_mask = 0;
-        state.admin = AdminQueue::default();
     }
 }
