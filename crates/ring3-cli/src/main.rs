@@ -3,8 +3,11 @@
 //! Logging goes to standard error and is chosen with `RUST_LOG` (default: warnings),
 //! for example `RUST_LOG=ring3=debug ring3 bind 0000:00:03.0`.
 
+mod bench;
 mod edu;
+mod nvme;
 mod pci;
+mod size;
 
 use std::error::Error as StdError;
 use std::process::ExitCode;
@@ -32,6 +35,10 @@ enum Command {
     Unbind(pci::UnbindArgs),
     /// Drive QEMU's edu test device.
     Edu(edu::EduArgs),
+    /// Drive an NVMe controller: identify, read, write, trim, SMART log.
+    Nvme(nvme::NvmeArgs),
+    /// Measure a device through a ring3 driver (IOPS, bandwidth, latency, CPU).
+    Bench(bench::BenchArgs),
 }
 
 /// An error from any subcommand; printed with its chain of causes.
@@ -43,6 +50,8 @@ fn run(command: Command) -> Result<(), CommandError> {
         Command::Bind(args) => pci::bind(args)?,
         Command::Unbind(args) => pci::unbind(args)?,
         Command::Edu(args) => edu::run(args)?,
+        Command::Nvme(args) => nvme::run(args)?,
+        Command::Bench(args) => bench::run(args)?,
     }
     Ok(())
 }

@@ -32,6 +32,39 @@ pub mod admin {
     pub const GET_FEATURES: u8 = 0x0a;
 }
 
+/// NVM command set I/O opcodes (NVM Command Set Specification 1.0, 3, figure "Opcodes
+/// for NVM Commands").
+pub mod io {
+    /// Flush.
+    pub const FLUSH: u8 = 0x00;
+    /// Write.
+    pub const WRITE: u8 = 0x01;
+    /// Read.
+    pub const READ: u8 = 0x02;
+    /// Write Zeroes.
+    pub const WRITE_ZEROES: u8 = 0x08;
+    /// Dataset Management.
+    pub const DATASET_MANAGEMENT: u8 = 0x09;
+
+    /// A name for an I/O opcode, for messages.
+    pub fn name(opcode: u8) -> &'static str {
+        match opcode {
+            FLUSH => "flush",
+            WRITE => "write",
+            READ => "read",
+            WRITE_ZEROES => "write zeroes",
+            DATASET_MANAGEMENT => "dataset management",
+            _ => "I/O command",
+        }
+    }
+}
+
+/// Feature identifiers for Get and Set Features (NVMe Base 2.0, 5.27.1).
+pub mod feature {
+    /// Number of Queues.
+    pub const NUMBER_OF_QUEUES: u8 = 0x07;
+}
+
 /// Identify's CNS values (NVMe Base 2.0, 5.17.1, figure "CNS Values").
 pub mod cns {
     /// Identify Namespace data structure for the NSID.
@@ -77,6 +110,84 @@ impl SubmissionEntry {
             .with_namespace_id(nsid)
             .with_prp1(buffer_iova)
             .with_dword(10, u32::from(cns))
+    }
+
+    /// Set Features Number of Queues (5.27.1.5): asks for `submission` and `completion`
+    /// I/O queues (1-based here; 0-based on the wire).
+    pub fn set_number_of_queues(submission: u16, completion: u16) -> Self {
+        let zero_based = |n: u16| u32::from(n.clamp(1, 0xfffe) - 1);
+        Self::new(admin::SET_FEATURES)
+            .with_dword(10, u32::from(feature::NUMBER_OF_QUEUES))
+            .with_dword(11, zero_based(submission) | (zero_based(completion) << 16))
+    }
+
+    /// Create I/O Completion Queue (5.4): physically contiguous ring of `entries` slots at
+    /// `iova`, with interrupts on `vector` if given.
+    pub fn create_io_cq(queue_id: u16, entries: u16, iova: u64, vector: Option<u16>) -> Self {
+        let interrupts = match vector {
+            Some(vector) => (u32::from(vector) << 16) | 0b10,
+            None => 0,
+        };
+        Self::new(admin::CREATE_IO_CQ)
+            .with_prp1(iova)
+            .with_dword(10, u32::from(queue_id) | (u32::from(entries - 1) << 16))
+            .with_dword(11, interrupts | 1)
+    }
+
+    /// Create I/O Submission Queue (5.5): physically contiguous ring of `entries` slots at
+    /// `iova`, completing into completion queue `cq_id`.
+    pub fn create_io_sq(queue_id: u16, entries: u16, iova: u64, cq_id: u16) -> Self {
+        Self::new(admin::CREATE_IO_SQ)
+            .with_prp1(iova)
+            .with_dword(10, u32::from(queue_id) | (u32::from(entries - 1) << 16))
+            .with_dword(11, (u32::from(cq_id) << 16) | 1)
+    }
+
+    /// Delete I/O Submission Queue (5.7) or, with `completion`, Completion Queue (5.6).
+    pub fn delete_io_queue(queue_id: u16, completion: bool) -> Self {
+        let opcode = if completion {
+            admin::DELETE_IO_CQ
+        } else {
+            admin::DELETE_IO_SQ
+        };
+        Self::new(opcode).with_dword(10, u32::from(queue_id))
+    }
+
+    /// Get Log Page (5.16) of `dwords` dwords of log `log_id` into the data pointer given
+    /// later.
+    pub fn get_log_page(log_id: u8, nsid: u32, dwords: u32) -> Self {
+        let numd = dwords.max(1) - 1;
+        Self::new(admin::GET_LOG_PAGE)
+            .with_namespace_id(nsid)
+            .with_dword(10, u32::from(log_id) | ((numd & 0xffff) << 16))
+            .with_dword(11, numd >> 16)
+    }
+
+    /// Read (02h) or Write (01h) of `blocks` logical blocks (1..=65536) at `lba`.
+    pub fn read_write(opcode: u8, nsid: u32, lba: u64, blocks: u32) -> Self {
+        Self::new(opcode)
+            .with_namespace_id(nsid)
+            .with_qword(10, lba)
+            .with_dword(12, blocks.saturating_sub(1) & 0xffff)
+    }
+
+    /// Write Zeroes (08h) of `blocks` logical blocks (1..=65536) at `lba`.
+    pub fn write_zeroes(nsid: u32, lba: u64, blocks: u32) -> Self {
+        Self::read_write(io::WRITE_ZEROES, nsid, lba, blocks)
+    }
+
+    /// Flush (00h) of namespace `nsid` (0xffffffff: all).
+    pub fn flush(nsid: u32) -> Self {
+        Self::new(io::FLUSH).with_namespace_id(nsid)
+    }
+
+    /// Dataset Management (09h) with the Deallocate attribute over `ranges` (1..=256) range
+    /// entries, whose list is at the data pointer.
+    pub fn deallocate(nsid: u32, ranges: u16) -> Self {
+        Self::new(io::DATASET_MANAGEMENT)
+            .with_namespace_id(nsid)
+            .with_dword(10, u32::from(ranges.saturating_sub(1)) & 0xff)
+            .with_dword(11, 1 << 2)
     }
 
     /// An entry from its bytes (as read back from a queue, or by a device model).

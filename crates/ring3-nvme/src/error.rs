@@ -100,6 +100,37 @@ pub enum Error {
     #[error("device misbehaved: {what} (got {value:#x})")]
     Misbehaved { what: String, value: u64 },
 
+    /// An I/O command completed with an error status.
+    #[error("{command} of namespace {nsid} at LBA {lba} ({blocks} blocks) failed: {status}")]
+    IoFailed {
+        command: &'static str,
+        nsid: u32,
+        lba: u64,
+        blocks: u32,
+        status: CompletionStatus,
+    },
+
+    /// The controller was reset while the command was in flight, so it did not complete.
+    #[error("the controller was reset before the command completed: {reason}")]
+    ControllerReset { reason: String },
+
+    /// A reset did not bring the controller back: it is out of service until the driver
+    /// starts over.
+    #[error("the controller is out of service: {reason}")]
+    ControllerFailed { reason: String },
+
+    /// No active namespace has this ID.
+    #[error("namespace {nsid} does not exist or is not active (active: {active:?})")]
+    NoSuchNamespace { nsid: u32, active: Vec<u32> },
+
+    /// The controller has no I/O queue (or interrupt vector) left for another queue.
+    #[error("no {what} left: {used} of {granted} are in use")]
+    NoQueueLeft {
+        what: &'static str,
+        used: usize,
+        granted: usize,
+    },
+
     /// An argument was out of range.
     #[error("{what}")]
     InvalidArgument { what: String },
@@ -110,7 +141,11 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Core(error) => error.kind(),
-            Error::NotNvme { .. } | Error::InvalidArgument { .. } => ErrorKind::InvalidInput,
+            Error::NotNvme { .. }
+            | Error::InvalidArgument { .. }
+            | Error::NoSuchNamespace { .. } => ErrorKind::InvalidInput,
+            Error::NoQueueLeft { .. } => ErrorKind::Busy,
+            Error::IoFailed { status, .. } if !status.is_device_fault() => ErrorKind::InvalidInput,
             Error::Unsupported { .. } => ErrorKind::Environment,
             Error::QueueFull { .. } => ErrorKind::Busy,
             Error::CommandFailed { status, .. } if !status.is_device_fault() => {
@@ -123,6 +158,9 @@ impl Error {
             | Error::CommandTimeout { .. }
             | Error::CommandFailed { .. }
             | Error::QueueBroken { .. }
+            | Error::IoFailed { .. }
+            | Error::ControllerReset { .. }
+            | Error::ControllerFailed { .. }
             | Error::Misbehaved { .. } => ErrorKind::Device,
         }
     }

@@ -37,6 +37,20 @@ pub mod offsets {
     pub const CQES: usize = 513;
     /// NN, number of namespaces (4 bytes: the largest namespace ID).
     pub const NN: usize = 516;
+    /// ELPE, error log page entries (1 byte, 0-based).
+    pub const ELPE: usize = 262;
+    /// ONCS, optional NVM command support (2 bytes).
+    pub const ONCS: usize = 520;
+    /// VWC, volatile write cache (1 byte; bit 0: present).
+    pub const VWC: usize = 525;
+}
+
+/// ONCS bits.
+pub mod oncs {
+    /// Dataset Management is supported.
+    pub const DATASET_MANAGEMENT: u16 = 1 << 2;
+    /// Write Zeroes is supported.
+    pub const WRITE_ZEROES: u16 = 1 << 3;
 }
 
 /// What the driver takes from Identify Controller.
@@ -64,6 +78,24 @@ pub struct ControllerInfo {
     pub cq_entry_shifts: (u8, u8),
     /// NN: namespace IDs run from 1 to this.
     pub namespace_count: u32,
+    /// ONCS: optional NVM commands ([`oncs`]).
+    pub optional_commands: u16,
+    /// VWC bit 0: a volatile write cache is present, so Flush matters.
+    pub volatile_write_cache: bool,
+    /// ELPE + 1: entries in the Error Information log page.
+    pub error_log_entries: u16,
+}
+
+impl ControllerInfo {
+    /// Whether Dataset Management (deallocate) is supported.
+    pub fn supports_deallocate(&self) -> bool {
+        self.optional_commands & oncs::DATASET_MANAGEMENT != 0
+    }
+
+    /// Whether Write Zeroes is supported.
+    pub fn supports_write_zeroes(&self) -> bool {
+        self.optional_commands & oncs::WRITE_ZEROES != 0
+    }
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -157,6 +189,9 @@ impl ControllerInfo {
             sq_entry_shifts,
             cq_entry_shifts,
             namespace_count,
+            optional_commands: u16_at(data, offsets::ONCS),
+            volatile_write_cache: data[offsets::VWC] & 1 != 0,
+            error_log_entries: u16::from(data[offsets::ELPE]) + 1,
         })
     }
 }

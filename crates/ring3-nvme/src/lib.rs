@@ -35,7 +35,11 @@ pub mod completion;
 pub mod controller;
 pub mod error;
 pub mod identify;
+pub mod io;
+pub mod log;
 pub mod model;
+pub mod namespace;
+pub mod prp;
 pub mod queue;
 pub mod registers;
 #[cfg(test)]
@@ -44,4 +48,9 @@ mod tests;
 pub use controller::{Controller, ControllerOptions};
 pub use error::{Error, Result};
 pub use identify::ControllerInfo;
+pub use io::{IoCompletion, IoQueue, IoQueueOptions, Rejected};
+pub use log::{ErrorLogEntry, SmartLog};
+pub use namespace::Namespace;
 pub use queue::QueuePair;
+#[cfg(test)]
+mod io_tests;

@@ -270,6 +270,20 @@ impl DmaBuffer {
         Ok(())
     }
 
+    /// Gives the memory up for ever, still mapped at its IOVA: for memory a device may
+    /// still write after its driver could not stop it. The buffer is empty afterwards.
+    pub fn leak(&mut self) {
+        if let Some(memory) = self.memory.take() {
+            tracing::warn!(
+                iova = self.iova,
+                len = self.size,
+                "leaking a DMA buffer the device may still use"
+            );
+            std::mem::forget(memory);
+        }
+        self.size = 0;
+    }
+
     /// Sets every byte to `value`.
     pub fn fill(&self, value: u8) {
         // SAFETY: the whole requested length is inside our live allocation.

@@ -420,6 +420,20 @@ mod tests {
     }
 
     #[test]
+    fn a_leaked_buffer_is_empty_and_keeps_its_mapping() {
+        let backend = backend();
+        let mut buffer = backend.dma_alloc(8192).unwrap();
+        let iova = buffer.iova();
+        buffer.leak();
+        assert_eq!(buffer.len(), 0);
+        assert!(buffer.write(0, &[1]).is_err());
+        drop(buffer);
+        assert_eq!(backend.live_mappings(), 1, "the IOMMU mapping stays");
+        let next = backend.dma_alloc(4096).unwrap();
+        assert_ne!(next.iova(), iova, "the IOVA is not handed out again");
+    }
+
+    #[test]
     fn dma_without_bus_mastering_faults() {
         let b = backend();
         let buffer = b.dma_alloc(64).unwrap();
