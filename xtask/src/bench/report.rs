@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use super::plot::{self, Series};
-use super::results::{Latency, Measurement};
+use super::results::{implausible_latency, Latency, Measurement};
 use super::workload::{Completion, Pattern, Workload, SMALL_BLOCK};
 
 /// What became of one workload on one driver.
@@ -220,7 +220,17 @@ impl Report {
             "| workload | kernel IOPS | ring3 IOPS | ring3 / kernel | kernel p50 µs | kernel p99 µs | ring3 p50 µs | ring3 p99 µs |"
         );
         let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        let flagged = std::cell::Cell::new(false);
         for row in &self.rows {
+            let depth = row.workload.queue_depth;
+            let latency = |m: &Measurement, value: f64| {
+                if implausible_latency(depth, m).is_some() {
+                    flagged.set(true);
+                    format!("{} †", micros(value))
+                } else {
+                    micros(value)
+                }
+            };
             let ratio = row
                 .ratio()
                 .map(|r| format!("{r:.2}×"))
@@ -232,10 +242,17 @@ impl Report {
                 cell(&row.kernel, |m| thousands(m.iops)),
                 cell(&row.ring3, |m| thousands(m.iops)),
                 ratio,
-                cell(&row.kernel, |m| micros(m.latency_us.p50)),
-                cell(&row.kernel, |m| micros(m.latency_us.p99)),
-                cell(&row.ring3, |m| micros(m.latency_us.p50)),
-                cell(&row.ring3, |m| micros(m.latency_us.p99)),
+                cell(&row.kernel, |m| latency(m, m.latency_us.p50)),
+                cell(&row.kernel, |m| latency(m, m.latency_us.p99)),
+                cell(&row.ring3, |m| latency(m, m.latency_us.p50)),
+                cell(&row.ring3, |m| latency(m, m.latency_us.p99)),
+            );
+        }
+        if flagged.get() {
+            let _ = writeln!(
+                s,
+                "\n† fails the Little's-law check (mean latency × IOPS should be about the \
+                 queue depth), so this latency cannot be right; see the notes."
             );
         }
         s
@@ -262,7 +279,10 @@ impl Report {
              TCG (no KVM): the CPUs, the NVMe controller and its interrupts all run in software on \
              the host, many host instructions per guest instruction. Absolute IOPS and latencies \
              here say nothing about real hardware; what counts is the ratio between the two \
-             drivers, measured one after the other on the same emulated device in the same VM.\n"
+             drivers, measured one after the other on the same emulated device in the same VM. \
+             Each cell is a single run of {} s, and under TCG results (low queue depths with \
+             interrupts most of all) can differ by tens of percent from one run to the next.\n",
+            set.duration_s
         );
         s.push_str(&self.summary_table());
         let _ = writeln!(
@@ -459,14 +479,15 @@ mod tests {
     use super::super::workload::workloads;
     use super::*;
 
-    fn measured(iops: f64, p50: f64) -> Outcome {
+    /// A result with a given IOPS, median latency and mean latency.
+    fn measured_with_mean(iops: f64, p50: f64, mean: f64) -> Outcome {
         Outcome::Measured {
             measurement: Measurement {
                 iops,
                 bandwidth_bytes_per_s: iops * 4096.0,
                 ios: (iops * 10.0) as u64,
                 latency_us: Latency {
-                    mean: p50,
+                    mean,
                     p50,
                     p99: p50 * 2.0,
                     p99_9: p50 * 3.0,
@@ -480,19 +501,26 @@ mod tests {
         }
     }
 
+    /// A closed loop at `depth` consistent with Little's law.
+    fn measured(iops: f64, p50: f64, depth: u32) -> Outcome {
+        measured_with_mean(iops, p50, f64::from(depth) * 1e6 / iops)
+    }
+
     fn report() -> Report {
         let rows = workloads(true)
             .into_iter()
             .enumerate()
             .map(|(i, workload)| Row {
                 workload,
-                kernel: measured(1000.0 * (i + 1) as f64, 80.0),
+                kernel: measured(1000.0 * (i + 1) as f64, 80.0, workload.queue_depth),
                 ring3: if i == 1 {
                     Outcome::Failed {
                         reason: "exit status 1".into(),
                     }
+                } else if i == 2 {
+                    measured_with_mean(1500.0 * (i + 1) as f64, 0.002, 0.002)
                 } else {
-                    measured(1500.0 * (i + 1) as f64, 50.0)
+                    measured(1500.0 * (i + 1) as f64, 50.0, workload.queue_depth)
                 },
             })
             .collect();
@@ -523,7 +551,7 @@ mod tests {
                 nvme_poll_queues: 2,
                 nvme_max_io_queue_pairs: 8,
             },
-            fill: measured(100.0, 1000.0),
+            fill: measured(100.0, 1000.0, 32),
             rows,
             notes: vec!["ring3 failed one workload".into()],
         }
@@ -559,6 +587,11 @@ mod tests {
             md.contains("| 4 KiB random read, QD4, interrupts | 2,000 | failed | — |"),
             "{md}"
         );
+        assert!(
+            md.contains("| 4 KiB random read, QD32, interrupts | 3,000 | 4,500 | 1.50× | 80.0 | 160 | 0.00 † | 0.00 † |"),
+            "{md}"
+        );
+        assert!(md.contains("† fails the Little's-law check"));
         assert!(md.contains("2025-01-31 12:34 UTC"));
         assert!(md.contains("abc1234"));
         assert!(md.contains("QEMU emulator version 7.2.22"));

@@ -55,6 +55,24 @@ impl Latency {
     }
 }
 
+/// A closed loop at queue depth QD keeps about QD I/Os in flight, so by Little's law the
+/// mean latency is about QD / IOPS. A result further from that than a factor of four
+/// either way has latencies that cannot be right; this says why.
+pub fn implausible_latency(queue_depth: u32, m: &Measurement) -> Option<String> {
+    if m.iops <= 0.0 {
+        return None;
+    }
+    let in_flight = m.latency_us.mean * m.iops / 1e6;
+    let depth = f64::from(queue_depth);
+    (in_flight < depth / 4.0 || in_flight > depth * 4.0).then(|| {
+        format!(
+            "a mean of {:.3} µs at {:.0} IOPS means {in_flight:.3} I/Os in flight on average \
+             (Little's law), not about {queue_depth}",
+            m.latency_us.mean, m.iops
+        )
+    })
+}
+
 // ---------------------------------------------------------------------------
 // fio
 // ---------------------------------------------------------------------------
@@ -365,6 +383,25 @@ mod tests {
         assert!(close(m.latency_us.p99, 4000.0));
         assert_eq!(m.cpu_percent, Some(96.0));
         assert_eq!(m.ios, 123000);
+    }
+
+    #[test]
+    fn latency_must_agree_with_iops_and_depth() {
+        let (_, report) = parse_ring3_output(RING3_RANDREAD).expect("parses");
+        let mut m = report.measurement().expect("valid");
+        // 12300 IOPS at a mean of 2600 µs: 32 in flight.
+        assert_eq!(implausible_latency(32, &m), None);
+        // What a histogram clamped at 2 ns reports.
+        m.latency_us.mean = 0.002;
+        let problem = implausible_latency(32, &m).expect("flagged");
+        assert!(problem.contains("Little's law"), "{problem}");
+        m.latency_us.mean = 100_000.0;
+        assert!(implausible_latency(32, &m).is_some());
+        // fio's own numbers from the sample: 10000.5 IOPS at 3200 µs is 32 in flight.
+        let output = parse_fio_output(FIO_RANDREAD).expect("parses");
+        let job = fio_job(&output).expect("has a job");
+        let m = fio_measurement(job, Direction::Read).expect("measurement");
+        assert_eq!(implausible_latency(32, &m), None);
     }
 
     #[test]
