@@ -108,6 +108,14 @@ pub struct NvmeBenchArgs {
     pub json: bool,
 }
 
+/// The longest latency recorded exactly (an hour, in nanoseconds); longer ones count as
+/// this. (A histogram without fixed bounds would clamp at its initial range instead.)
+const LATENCY_LIMIT_NS: u64 = 3_600_000_000_000;
+
+fn latency_histogram() -> ring3::Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, LATENCY_LIMIT_NS, 3).map_err(|e| invalid(e.to_string()))
+}
+
 /// What one queue's thread measured.
 struct QueueResult {
     latency_ns: Histogram<u64>,
@@ -247,7 +255,7 @@ fn nvme(args: NvmeBenchArgs) -> ring3::Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let (user_after, system_after) = cpu_seconds();
 
-    let mut latency = Histogram::<u64>::new(3).map_err(|e| invalid(e.to_string()))?;
+    let mut latency = latency_histogram()?;
     let (mut ios, mut errors, mut first_error) = (0u64, 0u64, None);
     for result in results {
         let result = result?;
@@ -455,7 +463,7 @@ fn worker<B: Backend>(
         started_at[slot] = start;
     }
     let deadline = start + duration;
-    let mut latency = Histogram::<u64>::new(3).map_err(|e| invalid(e.to_string()))?;
+    let mut latency = latency_histogram()?;
     let (mut ios, mut errors, mut first_error) = (0u64, 0u64, None);
     let mut out: Vec<IoCompletion> = Vec::with_capacity(depth);
     loop {
@@ -542,6 +550,18 @@ mod tests {
             deallocated_reads_zeroes: true,
             thin_provisioned: false,
         }
+    }
+
+    #[test]
+    fn latencies_from_nanoseconds_to_seconds_are_kept() {
+        let mut histogram = latency_histogram().unwrap();
+        for nanos in [900, 250_000, 250_000, 250_000, 3_000_000_000] {
+            histogram.saturating_record(nanos);
+        }
+        let p50 = histogram.value_at_quantile(0.5);
+        assert!((249_000..=251_000).contains(&p50), "{p50}");
+        assert!(histogram.max() >= 2_990_000_000);
+        assert!(histogram.min() <= 901);
     }
 
     #[test]

@@ -371,6 +371,17 @@ fn lab_nvme_bench_reports_rates_and_latencies() {
         let p50 = result["latency_us"]["p50"].as_f64().unwrap_or(0.0);
         let p99 = result["latency_us"]["p99"].as_f64().unwrap_or(0.0);
         assert!(p50 > 0.0 && p99 >= p50, "{result}");
+        // Little's law: IOPS × mean latency is the number of I/Os in flight, which the
+        // benchmark keeps at the queue depth on every queue.
+        let in_flight = result["iops"].as_f64().unwrap_or(0.0)
+            * result["latency_us"]["mean"].as_f64().unwrap_or(0.0)
+            / 1e6;
+        let depth = result["queue_depth"].as_f64().unwrap_or(0.0)
+            * result["queues"].as_f64().unwrap_or(0.0);
+        assert!(
+            in_flight > depth * 0.5 && in_flight < depth * 1.5,
+            "{in_flight} I/Os in flight by Little's law, not about {depth}: {result}"
+        );
     }
     let bad = ring3(&["bench", "nvme", &address, "--bs", "1000", "--duration", "1"]);
     assert!(!bad.status.success());
