@@ -30,6 +30,8 @@ pub mod admin {
     pub const SET_FEATURES: u8 = 0x09;
     /// Get Features.
     pub const GET_FEATURES: u8 = 0x0a;
+    /// Doorbell Buffer Config.
+    pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7c;
 }
 
 /// NVM command set I/O opcodes (NVM Command Set Specification 1.0, 3, figure "Opcodes
@@ -141,6 +143,14 @@ impl SubmissionEntry {
             .with_prp1(iova)
             .with_dword(10, u32::from(queue_id) | (u32::from(entries - 1) << 16))
             .with_dword(11, (u32::from(cq_id) << 16) | 1)
+    }
+
+    /// Doorbell Buffer Config (5.9): shadow doorbells in the page at `shadow_iova`,
+    /// event indexes in the page at `event_index_iova`.
+    pub fn doorbell_buffer_config(shadow_iova: u64, event_index_iova: u64) -> Self {
+        Self::new(admin::DOORBELL_BUFFER_CONFIG)
+            .with_prp1(shadow_iova)
+            .with_prp2(event_index_iova)
     }
 
     /// Delete I/O Submission Queue (5.7) or, with `completion`, Completion Queue (5.6).

@@ -29,7 +29,7 @@ use crate::io::{IoQueue, IoQueueOptions};
 use crate::log::{lid, ErrorLogEntry, SmartLog, ERROR_ENTRY_SIZE, SMART_LOG_SIZE};
 use crate::namespace::{parse_active_list, Namespace};
 use crate::prp;
-use crate::queue::{Backoff, QueuePair};
+use crate::queue::{Backoff, QueuePair, ShadowDoorbells};
 use crate::registers::{
     admin_queue_attributes, Capabilities, Configuration, ControllerRegisters, Status, Version,
     CLASS_CODE, MAX_ADMIN_QUEUE_ENTRIES, MIN_BAR0_SIZE,
@@ -44,6 +44,8 @@ pub struct ControllerOptions {
     pub command_timeout: Duration,
     /// I/O queue pairs to ask the controller for (it may grant fewer).
     pub io_queues: u16,
+    /// Use shadow doorbells if the controller offers them (OACS bit 8): fewer MMIO writes.
+    pub shadow_doorbells: bool,
 }
 
 impl Default for ControllerOptions {
@@ -52,6 +54,7 @@ impl Default for ControllerOptions {
             admin_queue_entries: 32,
             command_timeout: Duration::from_secs(5),
             io_queues: 64,
+            shadow_doorbells: true,
         }
     }
 }
@@ -108,6 +111,10 @@ pub(crate) struct Shared<B: Backend> {
     generation: AtomicU64,
     /// Why the last reset happened, and whether the controller came back.
     last_reset: Mutex<Option<(String, bool)>>,
+    /// Shadow doorbells, if the controller has them and they are configured.
+    shadow: Mutex<Option<ShadowDoorbells>>,
+    /// The pages for them, kept across resets.
+    shadow_pages: Mutex<Option<ShadowDoorbells>>,
 }
 
 /// A driver for one NVMe controller, enabled and with its admin queue running.
@@ -226,6 +233,8 @@ impl<B: Backend> Controller<B> {
             allocation: Mutex::new(Allocation::default()),
             generation: AtomicU64::new(0),
             last_reset: Mutex::new(None),
+            shadow: Mutex::new(None),
+            shadow_pages: Mutex::new(None),
         });
         let io_queues = {
             let mut admin = lock(&shared.admin);
@@ -235,6 +244,15 @@ impl<B: Backend> Controller<B> {
         lock(&shared.allocation).queue_ids = vec![false; usize::from(io_queues)];
 
         let info = shared.identify_controller()?;
+        if info.supports_shadow_doorbells() && options.shadow_doorbells {
+            let pages = ShadowDoorbells::new(
+                shared.dma_alloc(1 << page_shift)?,
+                shared.dma_alloc(1 << page_shift)?,
+            );
+            *lock(&shared.shadow_pages) = Some(pages);
+            let mut admin = lock(&shared.admin);
+            shared.configure_shadow_doorbells(&mut admin)?;
+        }
         let namespaces = shared.identify_namespaces(&info)?;
         tracing::debug!(
             address = shared.backend.address(),
@@ -626,9 +644,11 @@ impl<B: Backend> Shared<B> {
             reason,
             "resetting the NVMe controller"
         );
+        *lock(&self.shadow) = None;
         let outcome = self
             .enable(admin)
-            .and_then(|()| self.set_number_of_queues(admin));
+            .and_then(|()| self.set_number_of_queues(admin))
+            .and_then(|_| self.configure_shadow_doorbells(admin));
         let came_back = match outcome {
             Ok(_) => true,
             Err(error) => {
@@ -643,6 +663,36 @@ impl<B: Backend> Shared<B> {
         };
         *lock(&self.last_reset) = Some((recorded, came_back));
         self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Hands the shadow doorbell pages (if any) to the controller, zeroed, and has the
+    /// admin queue write its shadows too (and MMIO as well, as not every controller reads
+    /// the admin queue's shadows).
+    fn configure_shadow_doorbells(&self, admin: &mut Admin) -> Result<()> {
+        let Some(pages) = lock(&self.shadow_pages).clone() else {
+            return Ok(());
+        };
+        pages.clear();
+        let entry =
+            SubmissionEntry::doorbell_buffer_config(pages.shadow_iova(), pages.event_index_iova());
+        match self.admin_command_then(admin, entry, false) {
+            Ok(_) => {
+                admin.queue.use_shadow_doorbells(pages.clone(), true)?;
+                *lock(&self.shadow) = Some(pages);
+                Ok(())
+            }
+            // Offered but refused: carry on with MMIO doorbells.
+            Err(Error::CommandFailed { status, .. }) => {
+                tracing::info!(address = self.backend.address(), %status, "shadow doorbells refused; using MMIO doorbells");
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The shadow doorbells in use, if any.
+    pub(crate) fn shadow_doorbells(&self) -> Option<ShadowDoorbells> {
+        lock(&self.shadow).clone()
     }
 
     /// Runs an admin command for a queue in the generation it was created in; `Ok(None)` if

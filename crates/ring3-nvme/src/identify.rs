@@ -37,12 +37,20 @@ pub mod offsets {
     pub const CQES: usize = 513;
     /// NN, number of namespaces (4 bytes: the largest namespace ID).
     pub const NN: usize = 516;
+    /// OACS, optional admin command support (2 bytes).
+    pub const OACS: usize = 256;
     /// ELPE, error log page entries (1 byte, 0-based).
     pub const ELPE: usize = 262;
     /// ONCS, optional NVM command support (2 bytes).
     pub const ONCS: usize = 520;
     /// VWC, volatile write cache (1 byte; bit 0: present).
     pub const VWC: usize = 525;
+}
+
+/// OACS bits.
+pub mod oacs {
+    /// Doorbell Buffer Config (shadow doorbells) is supported.
+    pub const DOORBELL_BUFFER_CONFIG: u16 = 1 << 8;
 }
 
 /// ONCS bits.
@@ -78,6 +86,8 @@ pub struct ControllerInfo {
     pub cq_entry_shifts: (u8, u8),
     /// NN: namespace IDs run from 1 to this.
     pub namespace_count: u32,
+    /// OACS: optional admin commands ([`oacs`]).
+    pub optional_admin_commands: u16,
     /// ONCS: optional NVM commands ([`oncs`]).
     pub optional_commands: u16,
     /// VWC bit 0: a volatile write cache is present, so Flush matters.
@@ -90,6 +100,11 @@ impl ControllerInfo {
     /// Whether Dataset Management (deallocate) is supported.
     pub fn supports_deallocate(&self) -> bool {
         self.optional_commands & oncs::DATASET_MANAGEMENT != 0
+    }
+
+    /// Whether shadow doorbells (Doorbell Buffer Config) are supported.
+    pub fn supports_shadow_doorbells(&self) -> bool {
+        self.optional_admin_commands & oacs::DOORBELL_BUFFER_CONFIG != 0
     }
 
     /// Whether Write Zeroes is supported.
@@ -189,6 +204,7 @@ impl ControllerInfo {
             sq_entry_shifts,
             cq_entry_shifts,
             namespace_count,
+            optional_admin_commands: u16_at(data, offsets::OACS),
             optional_commands: u16_at(data, offsets::ONCS),
             volatile_write_cache: data[offsets::VWC] & 1 != 0,
             error_log_entries: u16::from(data[offsets::ELPE]) + 1,

@@ -40,6 +40,10 @@ use crate::queue::{Backoff, QueuePair};
 pub const MAX_DEALLOCATE_RANGES: usize = 256;
 /// Bytes of one Dataset Management range.
 const RANGE_SIZE: usize = 16;
+/// With shadow doorbells, after this many empty polls in a row with commands in flight
+/// the doorbells are written by MMIO anyway, in case the controller missed a shadow update.
+const KICK_AFTER_IDLE_POLLS: u32 = 2048;
+
 /// Command-specific status of a queue command naming a queue the controller lacks.
 const INVALID_QUEUE_IDENTIFIER: u8 = 0x01;
 /// Blocks one read, write or write zeroes command carries at most (NLB is 16 bits).
@@ -127,6 +131,8 @@ pub struct QueueStats {
     pub sq_doorbells: u64,
     /// Controller resets this queue went through.
     pub resets: u64,
+    /// Doorbells written by MMIO after a long wait, although the shadows said not to.
+    pub kicks: u64,
 }
 
 /// One I/O submission and completion queue pair, owned by one thread.
@@ -147,6 +153,8 @@ pub struct IoQueue<B: Backend> {
     failed: Vec<IoCompletion>,
     max_transfer: usize,
     stats: QueueStats,
+    /// Polls in a row that found nothing while commands were in flight.
+    idle_polls: u32,
 }
 
 impl<B: Backend> std::fmt::Debug for IoQueue<B> {
@@ -219,6 +227,13 @@ impl<B: Backend> IoQueue<B> {
             }
         };
         let generation = shared.generation();
+        let mut pair = pair;
+        if let Some(shadow) = shared.shadow_doorbells() {
+            if let Err(error) = pair.use_shadow_doorbells(shadow, false) {
+                release(&shared);
+                return Err(error);
+            }
+        }
         let mut queue = IoQueue {
             slots: (0..options.entries).map(|_| Slot::default()).collect(),
             shared,
@@ -232,6 +247,7 @@ impl<B: Backend> IoQueue<B> {
             failed: Vec::new(),
             max_transfer,
             stats: QueueStats::default(),
+            idle_polls: 0,
         };
         // On failure, Drop gives the ID and vector back (nothing is in flight yet).
         queue.create_on_controller()?;
@@ -566,12 +582,27 @@ impl<B: Backend> IoQueue<B> {
             out.append(&mut self.failed);
             return Ok(out.len() - before);
         }
+        let taken_before = out.len();
         loop {
             match self.pair.take() {
                 Ok(Some(entry)) => out.push(self.complete(&entry)),
                 Ok(None) => break,
                 Err(error) => {
                     // A completion broke the rules: the rings can no longer be trusted.
+                    self.fail_all(&error);
+                    out.append(&mut self.failed);
+                    return Ok(out.len() - before);
+                }
+            }
+        }
+        if out.len() > taken_before || self.pair.in_flight() == 0 {
+            self.idle_polls = 0;
+        } else if self.pair.uses_shadow_doorbells() {
+            self.idle_polls += 1;
+            if self.idle_polls >= KICK_AFTER_IDLE_POLLS {
+                self.idle_polls = 0;
+                self.stats.kicks += 1;
+                if let Err(error) = self.pair.kick() {
                     self.fail_all(&error);
                     out.append(&mut self.failed);
                     return Ok(out.len() - before);
@@ -627,9 +658,17 @@ impl<B: Backend> IoQueue<B> {
         loop {
             match &self.interrupt {
                 Some((_, interrupt)) => {
-                    let slice = self.shared.command_timeout.min(Duration::from_millis(100));
+                    let slice = self.shared.command_timeout.min(Duration::from_millis(10));
                     match interrupt.wait(slice) {
-                        Ok(_) | Err(ring3::Error::Timeout { .. }) => {}
+                        Ok(_) => {}
+                        Err(ring3::Error::Timeout { .. }) => {
+                            // Nothing for a while: make sure the controller saw the
+                            // doorbells, whatever the shadows said.
+                            if self.pair.uses_shadow_doorbells() {
+                                self.stats.kicks += 1;
+                                self.pair.kick()?;
+                            }
+                        }
                         Err(error) => return Err(error.into()),
                     }
                 }
@@ -769,7 +808,11 @@ impl<B: Backend> IoQueue<B> {
             self.dead = Some(reason);
             return;
         }
-        if let Err(error) = self.create_on_controller() {
+        let shadow = match self.shared.shadow_doorbells() {
+            Some(shadow) => self.pair.use_shadow_doorbells(shadow, false),
+            None => Ok(()),
+        };
+        if let Err(error) = shadow.and_then(|()| self.create_on_controller()) {
             self.dead = Some(format!(
                 "{reason}; recreating queue {} failed: {error}",
                 self.pair.id()

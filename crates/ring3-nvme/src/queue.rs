@@ -17,6 +17,7 @@
 //! The pair belongs to one thread (`&mut self`): there are no locks on this path.
 
 use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ring3::{Bar, DmaBuffer};
@@ -24,7 +25,74 @@ use ring3::{Bar, DmaBuffer};
 use crate::command::{SubmissionEntry, SUBMISSION_ENTRY_SIZE};
 use crate::completion::{CompletionEntry, COMPLETION_ENTRY_SIZE, STATUS_OFFSET};
 use crate::error::{Error, Result};
-use crate::registers::doorbell_offset;
+use crate::registers::{doorbell_offset, DOORBELL_BASE};
+
+/// Shadow doorbells (NVMe Base 2.0, 5.9 "Doorbell Buffer Config"): one page where the
+/// host writes the doorbell values, and one where the controller writes, per doorbell, the
+/// value after which it wants an MMIO write again (its event index). While the controller
+/// is busy with a queue it reads new tails from memory, so most doorbell MMIO writes,
+/// which are slow on emulated and virtualised controllers, go away.
+#[derive(Debug, Clone)]
+pub struct ShadowDoorbells {
+    shadow: Arc<DmaBuffer>,
+    event_index: Arc<DmaBuffer>,
+}
+
+impl ShadowDoorbells {
+    /// The two pages (zeroed here), to hand to the controller with Doorbell Buffer Config.
+    pub fn new(shadow: DmaBuffer, event_index: DmaBuffer) -> Self {
+        shadow.fill(0);
+        event_index.fill(0);
+        ShadowDoorbells {
+            shadow: Arc::new(shadow),
+            event_index: Arc::new(event_index),
+        }
+    }
+
+    /// IOVA of the shadow doorbell page (PRP1 of Doorbell Buffer Config).
+    pub fn shadow_iova(&self) -> u64 {
+        self.shadow.iova()
+    }
+
+    /// IOVA of the event index page (PRP2).
+    pub fn event_index_iova(&self) -> u64 {
+        self.event_index.iova()
+    }
+
+    /// Zeroes both pages (before configuring them again after a reset).
+    pub fn clear(&self) {
+        self.shadow.fill(0);
+        self.event_index.fill(0);
+    }
+
+    /// Writes `value` to the shadow of the doorbell at BAR offset `doorbell` and says
+    /// whether the controller asked for an MMIO write to see it: the event index lies in
+    /// `old..new` (modulo 2^16, as the specification and Linux compare them).
+    fn update(&self, doorbell: usize, old: u16, new: u16) -> Result<bool> {
+        let at = doorbell - DOORBELL_BASE;
+        self.shadow.write_volatile(at, u32::from(new))?;
+        // The shadow value must be visible before the event index is read, or the
+        // controller may finish, publish an old event index, and never see this value.
+        fence(Ordering::SeqCst);
+        let event: u32 = self.event_index.read_volatile(at)?;
+        let event = event as u16;
+        Ok(new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old))
+    }
+
+    /// Sets both the shadow and the event index of a doorbell to 0 (a new queue).
+    fn reset_slot(&self, doorbell: usize) -> Result<()> {
+        let at = doorbell - DOORBELL_BASE;
+        self.shadow.write_volatile(at, 0u32)?;
+        self.event_index.write_volatile(at, 0u32)?;
+        Ok(())
+    }
+
+    fn covers(&self, doorbell: usize) -> bool {
+        doorbell
+            .checked_sub(DOORBELL_BASE)
+            .is_some_and(|at| at + 4 <= self.shadow.len() && at + 4 <= self.event_index.len())
+    }
+}
 
 /// Sleeps a little longer each round, so short waits stay short and long ones stay cheap.
 pub(crate) struct Backoff {
@@ -61,6 +129,9 @@ pub struct QueuePair {
     sq_doorbell: usize,
     cq_doorbell: usize,
     sq_tail: u16,
+    /// The SQ tail and CQ head last written to the doorbells.
+    sq_rung: u16,
+    cq_rung: u16,
     /// The SQ head the controller last reported: slots from here to the tail are its.
     sq_head: u16,
     cq_head: u16,
@@ -80,6 +151,9 @@ pub struct QueuePair {
     broken: bool,
     sq_doorbell_due: bool,
     cq_doorbell_due: bool,
+    /// Shadow doorbells, and whether MMIO is written every time anyway (the admin queue,
+    /// whose shadow only some controllers read).
+    shadow: Option<(ShadowDoorbells, bool)>,
 }
 
 impl std::fmt::Debug for QueuePair {
@@ -163,6 +237,8 @@ impl QueuePair {
             sq_doorbell,
             cq_doorbell,
             sq_tail: 0,
+            sq_rung: 0,
+            cq_rung: 0,
             sq_head: 0,
             cq_head: 0,
             cq_entries,
@@ -176,6 +252,7 @@ impl QueuePair {
             broken: false,
             sq_doorbell_due: false,
             cq_doorbell_due: false,
+            shadow: None,
         })
     }
 
@@ -249,6 +326,53 @@ impl QueuePair {
         Ok(command_id)
     }
 
+    /// Uses shadow doorbells from now on (before the queue is created on the controller,
+    /// or right after the admin queue was enabled): both slots of this pair start at 0.
+    /// With `always_ring`, every doorbell is also written by MMIO.
+    pub fn use_shadow_doorbells(
+        &mut self,
+        shadow: ShadowDoorbells,
+        always_ring: bool,
+    ) -> Result<()> {
+        if !shadow.covers(self.sq_doorbell) || !shadow.covers(self.cq_doorbell) {
+            // Beyond the one page the specification gives the shadows: plain MMIO.
+            return Ok(());
+        }
+        shadow.reset_slot(self.sq_doorbell)?;
+        shadow.reset_slot(self.cq_doorbell)?;
+        self.shadow = Some((shadow, always_ring));
+        Ok(())
+    }
+
+    /// Whether doorbells go through shadows.
+    pub fn uses_shadow_doorbells(&self) -> bool {
+        self.shadow.is_some()
+    }
+
+    /// Writes both doorbells by MMIO whatever the shadows say: a safety net for a
+    /// controller that missed an update (the values are the same, so it costs nothing but
+    /// the writes).
+    pub fn kick(&mut self) -> Result<()> {
+        self.bar
+            .write32(self.sq_doorbell, u32::from(self.sq_tail))?;
+        self.bar
+            .write32(self.cq_doorbell, u32::from(self.cq_head))?;
+        Ok(())
+    }
+
+    /// Writes a doorbell: to its shadow, and by MMIO unless the shadow's event index says
+    /// the controller will see it anyway.
+    fn write_doorbell(&mut self, doorbell: usize, old: u16, new: u16) -> Result<()> {
+        let mmio = match &self.shadow {
+            Some((shadow, always)) => shadow.update(doorbell, old, new)? || *always,
+            None => true,
+        };
+        if mmio {
+            self.bar.write32(doorbell, u32::from(new))?;
+        }
+        Ok(())
+    }
+
     /// The command ID the next [`QueuePair::push`] will use, if one is free.
     pub fn next_command_id(&self) -> Option<u16> {
         self.free_ids.last().copied()
@@ -309,8 +433,8 @@ impl QueuePair {
         // The controller fetches entries as soon as it sees the new tail: their bytes in
         // host memory must be visible before the doorbell store reaches it.
         fence(Ordering::Release);
-        self.bar
-            .write32(self.sq_doorbell, u32::from(self.sq_tail))?;
+        self.write_doorbell(self.sq_doorbell, self.sq_rung, self.sq_tail)?;
+        self.sq_rung = self.sq_tail;
         self.sq_doorbell_due = false;
         Ok(())
     }
@@ -324,8 +448,8 @@ impl QueuePair {
         // The head doorbell hands slots back to the controller, which may overwrite them at
         // once: our reads of the entries must be complete before that store.
         fence(Ordering::Release);
-        self.bar
-            .write32(self.cq_doorbell, u32::from(self.cq_head))?;
+        self.write_doorbell(self.cq_doorbell, self.cq_rung, self.cq_head)?;
+        self.cq_rung = self.cq_head;
         self.cq_doorbell_due = false;
         self.cq_unreported = 0;
         Ok(())
@@ -355,6 +479,8 @@ impl QueuePair {
             .collect();
         self.cq.fill(0);
         self.sq_tail = 0;
+        self.sq_rung = 0;
+        self.cq_rung = 0;
         self.sq_head = 0;
         self.cq_head = 0;
         self.cq_unreported = 0;
@@ -364,6 +490,8 @@ impl QueuePair {
         self.broken = false;
         self.sq_doorbell_due = false;
         self.cq_doorbell_due = false;
+        // A reset controller forgot the shadow pages; they are configured again later.
+        self.shadow = None;
         lost
     }
 
