@@ -119,6 +119,8 @@ fn latency_histogram() -> ring3::Result<Histogram<u64>> {
 /// What one queue's thread measured.
 struct QueueResult {
     latency_ns: Histogram<u64>,
+    /// MMIO doorbell writes, kicks, and whether shadow doorbells were on.
+    doorbells: (u64, u64, bool),
     ios: u64,
     errors: u64,
     first_error: Option<String>,
@@ -257,8 +259,12 @@ fn nvme(args: NvmeBenchArgs) -> ring3::Result<()> {
 
     let mut latency = latency_histogram()?;
     let (mut ios, mut errors, mut first_error) = (0u64, 0u64, None);
+    let (mut mmio_doorbells, mut kicks, mut shadow) = (0u64, 0u64, true);
     for result in results {
         let result = result?;
+        mmio_doorbells += result.doorbells.0;
+        kicks += result.doorbells.1;
+        shadow &= result.doorbells.2;
         latency
             .add(&result.latency_ns)
             .map_err(|e| invalid(e.to_string()))?;
@@ -299,6 +305,12 @@ fn nvme(args: NvmeBenchArgs) -> ring3::Result<()> {
             "cpu": {"user_s": user, "system_s": system, "percent": percent},
             "errors": errors,
             "first_error": first_error,
+            "doorbells": {
+                "shadow": shadow,
+                "mmio_writes": mmio_doorbells,
+                "mmio_writes_per_io": mmio_doorbells as f64 / ios.max(1) as f64,
+                "kicks": kicks,
+            },
         });
         println!("{value}");
     } else {
@@ -329,6 +341,16 @@ fn nvme(args: NvmeBenchArgs) -> ring3::Result<()> {
             us(latency.max())
         );
         println!("  CPU        {percent:.0}% (user {user:.2} s, system {system:.2} s)");
+        println!(
+            "  doorbells  {:.2} MMIO writes per I/O ({}shadow doorbells{})",
+            mmio_doorbells as f64 / ios.max(1) as f64,
+            if shadow { "" } else { "no " },
+            if kicks > 0 {
+                format!(", {kicks} kicks")
+            } else {
+                String::new()
+            }
+        );
         println!("  errors     {errors}");
         if let Some(error) = &first_error {
             println!("  first error: {error}");
@@ -510,7 +532,13 @@ fn worker<B: Backend>(
             break;
         }
     }
+    let stats = queue.stats();
     Ok(QueueResult {
+        doorbells: (
+            stats.mmio_doorbells,
+            stats.kicks,
+            queue.uses_shadow_doorbells(),
+        ),
         latency_ns: latency,
         ios,
         errors,

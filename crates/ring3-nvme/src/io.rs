@@ -133,6 +133,8 @@ pub struct QueueStats {
     pub resets: u64,
     /// Doorbells written by MMIO after a long wait, although the shadows said not to.
     pub kicks: u64,
+    /// Doorbell writes (submission and completion) that reached the device by MMIO.
+    pub mmio_doorbells: u64,
 }
 
 /// One I/O submission and completion queue pair, owned by one thread.
@@ -314,7 +316,15 @@ impl<B: Backend> IoQueue<B> {
 
     /// Counters.
     pub fn stats(&self) -> QueueStats {
-        self.stats
+        QueueStats {
+            mmio_doorbells: self.pair.mmio_doorbell_writes(),
+            ..self.stats
+        }
+    }
+
+    /// Whether doorbells go through shadow doorbells (fewer MMIO writes).
+    pub fn uses_shadow_doorbells(&self) -> bool {
+        self.pair.uses_shadow_doorbells()
     }
 
     /// The active namespace `nsid`.

@@ -154,6 +154,8 @@ pub struct QueuePair {
     /// Shadow doorbells, and whether MMIO is written every time anyway (the admin queue,
     /// whose shadow only some controllers read).
     shadow: Option<(ShadowDoorbells, bool)>,
+    /// Doorbell writes that went to the device by MMIO.
+    mmio_writes: u64,
 }
 
 impl std::fmt::Debug for QueuePair {
@@ -253,6 +255,7 @@ impl QueuePair {
             sq_doorbell_due: false,
             cq_doorbell_due: false,
             shadow: None,
+            mmio_writes: 0,
         })
     }
 
@@ -357,7 +360,13 @@ impl QueuePair {
             .write32(self.sq_doorbell, u32::from(self.sq_tail))?;
         self.bar
             .write32(self.cq_doorbell, u32::from(self.cq_head))?;
+        self.mmio_writes += 2;
         Ok(())
+    }
+
+    /// Doorbell writes that reached the device by MMIO so far.
+    pub fn mmio_doorbell_writes(&self) -> u64 {
+        self.mmio_writes
     }
 
     /// Writes a doorbell: to its shadow, and by MMIO unless the shadow's event index says
@@ -369,6 +378,7 @@ impl QueuePair {
         };
         if mmio {
             self.bar.write32(doorbell, u32::from(new))?;
+            self.mmio_writes += 1;
         }
         Ok(())
     }
