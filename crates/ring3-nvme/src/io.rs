@@ -44,6 +44,11 @@ const RANGE_SIZE: usize = 16;
 /// the doorbells are written by MMIO anyway, in case the controller missed a shadow update.
 const KICK_AFTER_IDLE_POLLS: u32 = 2048;
 
+/// With shadow doorbells, how long [`IoQueue::wait`] waits without a completion before it
+/// writes the doorbells by MMIO anyway. Its polls are spaced by sleeps of up to 1 ms, so
+/// [`KICK_AFTER_IDLE_POLLS`] of them would take seconds, past the command timeout.
+const KICK_AFTER_IDLE_WAIT: Duration = Duration::from_millis(10);
+
 /// Command-specific status of a queue command naming a queue the controller lacks.
 const INVALID_QUEUE_IDENTIFIER: u8 = 0x01;
 /// Blocks one read, write or write zeroes command carries at most (NLB is 16 bits).
@@ -664,6 +669,7 @@ impl<B: Backend> IoQueue<B> {
             return Ok(added);
         }
         let start = Instant::now();
+        let mut last_kick = start;
         let mut backoff = Backoff::new();
         loop {
             match &self.interrupt {
@@ -682,7 +688,16 @@ impl<B: Backend> IoQueue<B> {
                         Err(error) => return Err(error.into()),
                     }
                 }
-                None => backoff.pause(),
+                None => {
+                    backoff.pause();
+                    if self.pair.uses_shadow_doorbells()
+                        && last_kick.elapsed() >= KICK_AFTER_IDLE_WAIT
+                    {
+                        last_kick = Instant::now();
+                        self.stats.kicks += 1;
+                        self.pair.kick()?;
+                    }
+                }
             }
             added += self.poll(out)?;
             if added > 0 || self.pair.in_flight() == 0 {

@@ -533,3 +533,241 @@ fn smart_and_error_logs_are_read() {
     assert!(!errors.is_empty(), "the failed read is logged");
     assert_eq!(errors[0].status.code, 0x80);
 }
+
+// --- shadow doorbells (Doorbell Buffer Config) ---
+
+/// How many Doorbell Buffer Config commands the model fetched.
+fn doorbell_buffer_configs_seen(nvme: &Controller<Fake>) -> usize {
+    model(nvme)
+        .commands()
+        .iter()
+        .filter(|c| c.opcode() == crate::command::admin::DOORBELL_BUFFER_CONFIG)
+        .count()
+}
+
+#[test]
+fn shadow_doorbells_are_configured_at_bring_up_and_io_verifies() {
+    let nvme = controller();
+    assert_eq!(doorbell_buffer_configs_seen(&nvme), 1);
+    assert!(model(&nvme).shadow_doorbell_pages().is_some());
+    assert!(nvme.with_admin_queue(|q| q.uses_shadow_doorbells()));
+    // A register read lets the model look at every shadow: nothing may be pending.
+    let fetched = model(&nvme).commands().len();
+    nvme.status().unwrap();
+    assert_eq!(
+        model(&nvme).commands().len(),
+        fetched,
+        "no stray admin commands"
+    );
+
+    let mut queue = queue(&nvme);
+    assert!(queue.uses_shadow_doorbells());
+    for nsid in [1, 2] {
+        let block = nvme.namespace(nsid).unwrap().block_size() as usize;
+        for blocks in [1, 8192 / block + 1, 37] {
+            let len = blocks * block;
+            let lba = 11 + blocks as u64;
+            let data = pattern(len, (nsid as u64) << 40 | blocks as u64);
+            queue
+                .write_sync(nsid, lba, blocks as u32, filled(&queue, &data))
+                .unwrap();
+            assert_eq!(model(&nvme).namespace_read(nsid, lba, blocks as u64), data);
+            assert_eq!(
+                read_back(&mut queue, nsid, lba, blocks as u32, len),
+                data,
+                "ns {nsid}, {blocks} blocks"
+            );
+        }
+    }
+    // A batch wraps the ring a few times with shadows too.
+    let mut out = Vec::new();
+    for round in 0..4u64 {
+        for i in 0..100u64 {
+            let lba = 1000 + round * 100 + i;
+            let buffer = filled(&queue, &pattern(512, lba));
+            queue.write(1, lba, 1, buffer, lba).unwrap();
+        }
+        queue.drain(&mut out).unwrap();
+    }
+    assert_eq!(out.len(), 400);
+    for completion in out {
+        completion.result.unwrap();
+        assert_eq!(
+            model(&nvme).namespace_read(1, completion.tag, 1),
+            pattern(512, completion.tag)
+        );
+    }
+    assert_eq!(
+        queue.stats().kicks,
+        0,
+        "the model reads every shadow update"
+    );
+}
+
+#[test]
+fn without_shadow_doorbells_offered_none_are_configured() {
+    let backend = fake_nvme("nvme-io");
+    backend.model().set_shadow_doorbells(false);
+    let nvme = Controller::new(
+        backend,
+        ControllerOptions {
+            command_timeout: Duration::from_millis(300),
+            ..ControllerOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(doorbell_buffer_configs_seen(&nvme), 0);
+    let mut queue = queue(&nvme);
+    assert!(!queue.uses_shadow_doorbells());
+    queue
+        .write_sync(1, 0, 1, filled(&queue, &[5; 512]))
+        .unwrap();
+    assert_eq!(read_back(&mut queue, 1, 0, 1, 512), vec![5; 512]);
+    let (sq, cq) = model(&nvme).mmio_doorbell_writes(queue.id());
+    assert_eq!((sq, cq), (2, 2), "every doorbell by MMIO");
+}
+
+#[test]
+fn commands_submitted_while_the_device_is_busy_skip_most_mmio_doorbells() {
+    let nvme = controller();
+    let mut queue = queue(&nvme);
+    queue
+        .write_sync(1, 0, 1, filled(&queue, &[1; 512]))
+        .unwrap();
+    let id = queue.id();
+    let (sq_before, _) = model(&nvme).mmio_doorbell_writes(id);
+
+    // The device is busy elsewhere: it neither fetches nor moves its event index, so after
+    // the first doorbell the driver only updates the shadow.
+    model(&nvme).set_ignore_doorbells(true);
+    const COMMANDS: u64 = 16;
+    for lba in 0..COMMANDS {
+        let buffer = filled(&queue, &pattern(512, 100 + lba));
+        queue.write(1, 100 + lba, 1, buffer, lba).unwrap();
+        queue.submit().unwrap();
+    }
+    let (sq_busy, _) = model(&nvme).mmio_doorbell_writes(id);
+    assert!(
+        sq_busy - sq_before < COMMANDS,
+        "{} MMIO SQ doorbells for {COMMANDS} commands",
+        sq_busy - sq_before
+    );
+    assert_eq!(sq_busy - sq_before, 1, "only the first one");
+    assert_eq!(model(&nvme).reads_and_writes().1, 1, "nothing fetched yet");
+
+    // The device gets to the queue: it finds every command through the shadow tail.
+    model(&nvme).set_ignore_doorbells(false);
+    model(&nvme).process_shadow_doorbells();
+    let mut out = Vec::new();
+    queue.drain(&mut out).unwrap();
+    assert_eq!(out.len(), COMMANDS as usize);
+    for completion in out {
+        completion.result.unwrap();
+        let lba = 100 + completion.tag;
+        assert_eq!(model(&nvme).namespace_read(1, lba, 1), pattern(512, lba));
+    }
+    assert_eq!(
+        model(&nvme).mmio_doorbell_writes(id).0,
+        sq_busy,
+        "no MMIO SQ doorbell was needed to finish them"
+    );
+    assert_eq!(queue.stats().kicks, 0);
+}
+
+#[test]
+fn a_device_that_ignores_the_shadows_is_kicked_by_mmio() {
+    let nvme = controller();
+    model(&nvme).set_ignore_shadow(true);
+    let mut queue = queue(&nvme);
+    let started = Instant::now();
+    let mut out = Vec::new();
+    for lba in 0..8u64 {
+        let data = pattern(4096, lba);
+        queue.write(2, lba, 1, filled(&queue, &data), lba).unwrap();
+        // Poll until it completes: only the kick after a run of empty polls gets an
+        // update the device missed to it.
+        while out.is_empty() {
+            queue.poll(&mut out).unwrap();
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "write {lba} never completed"
+            );
+        }
+        out.pop().unwrap().result.unwrap();
+        assert_eq!(model(&nvme).namespace_read(2, lba, 1), data);
+    }
+    // The synchronous calls get there too, well within the command timeout.
+    for lba in 8..12u64 {
+        let data = pattern(4096, lba);
+        queue.write_sync(2, lba, 1, filled(&queue, &data)).unwrap();
+        assert_eq!(read_back(&mut queue, 2, lba, 1, 4096), data);
+    }
+    let stats = queue.stats();
+    assert!(stats.kicks > 0, "{stats:?}");
+    assert_eq!((stats.failed, stats.resets), (0, 0), "{stats:?}");
+    assert_eq!(nvme.resets(), 0);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn after_a_reset_shadow_doorbells_are_configured_again() {
+    let nvme = controller();
+    let mut queue = queue(&nvme);
+    let first_pages = model(&nvme).shadow_doorbell_pages();
+    assert!(first_pages.is_some());
+    model(&nvme).set_bogus_command_id(999);
+    for tag in 0..3 {
+        queue
+            .read(1, tag, 1, queue.alloc_buffer(512).unwrap(), tag)
+            .unwrap();
+    }
+    let mut out = Vec::new();
+    queue.drain(&mut out).unwrap();
+    failed_with_reset(&out, "command ID 999");
+    assert_eq!(nvme.resets(), 1);
+    assert_eq!(doorbell_buffer_configs_seen(&nvme), 2, "configured again");
+    assert_eq!(model(&nvme).doorbell_buffer_configs(), 2);
+    assert_eq!(model(&nvme).shadow_doorbell_pages(), first_pages);
+
+    // A register read lets the model look at the shadows, the admin queue's included:
+    // they must say what the doorbells said.
+    let fetched = model(&nvme).commands().len();
+    nvme.status().unwrap();
+    assert_eq!(
+        model(&nvme).commands().len(),
+        fetched,
+        "no stray admin commands"
+    );
+
+    let (sq_before, _) = model(&nvme).mmio_doorbell_writes(queue.id());
+    for lba in 20..28u64 {
+        let data = pattern(512, lba);
+        queue.write_sync(1, lba, 1, filled(&queue, &data)).unwrap();
+        assert_eq!(read_back(&mut queue, 1, lba, 1, 512), data);
+    }
+    assert!(queue.uses_shadow_doorbells());
+    assert!(model(&nvme).mmio_doorbell_writes(queue.id()).0 > sq_before);
+    assert_eq!(nvme.resets(), 1);
+    nvme.identify_controller().unwrap();
+
+    // A reset nobody recovers from at once: the admin queue's shadows are all the model
+    // has to go on until the next admin command.
+    nvme.reset("test").unwrap();
+    assert_eq!(model(&nvme).doorbell_buffer_configs(), 3);
+    let fetched = model(&nvme).commands().len();
+    nvme.status().unwrap();
+    assert_eq!(
+        model(&nvme).commands().len(),
+        fetched,
+        "no stray admin commands"
+    );
+    nvme.identify_controller().unwrap();
+    queue
+        .write_sync(1, 30, 1, filled(&queue, &[3; 512]))
+        .unwrap();
+    assert_eq!(read_back(&mut queue, 1, 30, 1, 512), vec![3; 512]);
+}

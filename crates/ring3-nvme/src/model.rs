@@ -13,11 +13,20 @@
 //!   ([`DeviceContext::raise_irq`]; the vector is the queue's IV under MSI-X, vector 0
 //!   otherwise, where INTMS bit 0 masks it). A full completion queue stops fetching until
 //!   its head doorbell moves. Doorbell values outside a queue are ignored.
+//! - **Shadow doorbells** (5.9), as QEMU's controller has them: after Doorbell Buffer
+//!   Config, an MMIO doorbell write still starts the work (its value is copied into the
+//!   shadow too); while working on an SQ the model writes the tail it has seen to the event
+//!   index page after each command it fetches and reads the shadow tail again, and it reads
+//!   CQ heads from the shadows when it looks for room. Since the model only acts inside a
+//!   register access, it also works on every queue whose shadows moved whenever the driver
+//!   reads or writes any register, and [`NvmeModel::process_shadow_doorbells`] lets a test
+//!   play a controller that notices later. A controller reset forgets the pages.
 //! - **Admin commands** (5): Identify (CNS 00h namespace, 01h controller, 02h active
 //!   namespace list, 03h namespace identification descriptors), Set/Get Features (Number of
 //!   Queues, Volatile Write Cache), Create/Delete I/O Submission and Completion Queue, Get
 //!   Log Page (Error Information, SMART / Health Information, Firmware Slot Information),
-//!   Abort and Asynchronous Event Request (accepted, never completed: nothing happens).
+//!   Doorbell Buffer Config, Abort and Asynchronous Event Request (accepted, never
+//!   completed: nothing happens).
 //! - **NVM commands**: Read, Write, Flush, Write Zeroes and Dataset Management (deallocated
 //!   blocks read back as zeroes), with data through PRP entries and PRP lists in pages of
 //!   CC.MPS. Namespaces live in memory, sparsely, so a large one costs only what is written.
@@ -27,8 +36,9 @@
 //! specification's status, bad queue memory sets CSTS.CFS.
 //!
 //! Knobs make it misbehave: never set CSTS.RDY, set CSTS.CFS on enable or after some
-//! commands, answer with a command ID, SQ head or status of its choosing, ignore doorbells,
-//! post completions in reverse order or hold them back, report other Identify values.
+//! commands, answer with a command ID, SQ head or status of its choosing, ignore doorbells
+//! or their shadows, post completions in reverse order or hold them back, report other
+//! Identify values or no shadow doorbells.
 //!
 //! ```
 //! use ring3_nvme::{model, Controller, ControllerOptions};
@@ -53,12 +63,14 @@ mod admin;
 mod media;
 mod nvm;
 mod queues;
+mod shadow;
 #[cfg(test)]
 mod tests;
 mod transfer;
 
 use media::Namespace;
 use queues::{CompletionQueue, SubmissionQueue};
+use shadow::ShadowPages;
 
 /// The PCI identity of QEMU's NVMe controller (1b36:0010), class NVMe.
 pub const NVME_FAKE_DEVICE: FakeDevice = FakeDevice {
@@ -98,6 +110,9 @@ const NSSR: u64 = offset_of!(ControllerRegisters, nssr) as u64;
 const AQA: u64 = offset_of!(ControllerRegisters, aqa) as u64;
 const ASQ: u64 = offset_of!(ControllerRegisters, asq) as u64;
 const ACQ: u64 = offset_of!(ControllerRegisters, acq) as u64;
+
+/// Bytes between doorbells: `4 << CAP.DSTRD`, and DSTRD is 0.
+const DOORBELL_STRIDE: u64 = 4;
 
 /// VS: NVMe 2.0.0.
 const VERSION: u32 = 0x0002_0000;
@@ -196,6 +211,8 @@ struct Knobs {
     namespace_count: Option<u32>,
     max_io_queues: u16,
     msix_vectors: u32,
+    shadow_doorbells: bool,
+    ignore_shadow: bool,
 }
 
 /// Feature values, back to their defaults on every controller reset.
@@ -242,6 +259,9 @@ struct Counters {
     bytes_written: u64,
     errors: u64,
     unsafe_shutdowns: u64,
+    /// Doorbell writes by MMIO per queue: (SQ tail, CQ head).
+    mmio_doorbells: BTreeMap<u16, (u64, u64)>,
+    doorbell_buffer_configs: u64,
 }
 
 struct State {
@@ -262,6 +282,8 @@ struct State {
     commands: Vec<SubmissionEntry>,
     counters: Counters,
     error_log: VecDeque<ErrorRecord>,
+    /// Shadow doorbell pages, once Doorbell Buffer Config succeeded (until a reset).
+    shadow: Option<ShadowPages>,
 }
 
 impl State {
@@ -313,6 +335,7 @@ impl State {
         self.completion_queues.clear();
         self.features = Features::default();
         self.async_events_outstanding = 0;
+        self.shadow = None;
         self.csts = 0;
     }
 }
@@ -368,10 +391,13 @@ impl NvmeModel {
                     namespace_count: None,
                     max_io_queues: 8,
                     msix_vectors: 9,
+                    shadow_doorbells: true,
+                    ignore_shadow: false,
                 },
                 commands: Vec::new(),
                 counters: Counters::default(),
                 error_log: VecDeque::new(),
+                shadow: None,
             }),
         }
     }
@@ -482,7 +508,52 @@ impl NvmeModel {
         lock(&self.state).knobs.msix_vectors = vectors;
     }
 
+    /// Offer Doorbell Buffer Config (OACS bit 8 in Identify Controller; default true).
+    /// Without it the command is an invalid opcode.
+    pub fn set_shadow_doorbells(&self, offered: bool) {
+        lock(&self.state).knobs.shadow_doorbells = offered;
+    }
+
+    /// Stop reading the shadow page (SQ tails and CQ heads) and updating event indexes,
+    /// as a controller that missed the updates: only MMIO doorbell writes move the queues.
+    pub fn set_ignore_shadow(&self, ignore: bool) {
+        lock(&self.state).knobs.ignore_shadow = ignore;
+    }
+
+    /// Looks at every queue's shadow doorbells now and works on what moved, as a
+    /// controller polling them would (the model otherwise only looks during a register
+    /// access).
+    pub fn process_shadow_doorbells(&self) {
+        let mut state = lock(&self.state);
+        self.process_shadows(&mut state);
+    }
+
     // --- inspection ---
+
+    /// How many times queue `queue_id`'s doorbells were written by MMIO, ignored writes
+    /// included: (SQ tail, CQ head).
+    pub fn mmio_doorbell_writes(&self, queue_id: u16) -> (u64, u64) {
+        let state = lock(&self.state);
+        state
+            .counters
+            .mmio_doorbells
+            .get(&queue_id)
+            .copied()
+            .unwrap_or((0, 0))
+    }
+
+    /// How many Doorbell Buffer Config commands succeeded.
+    pub fn doorbell_buffer_configs(&self) -> u64 {
+        lock(&self.state).counters.doorbell_buffer_configs
+    }
+
+    /// The shadow doorbell and event index pages in use, if any.
+    pub fn shadow_doorbell_pages(&self) -> Option<(u64, u64)> {
+        let state = lock(&self.state);
+        state
+            .shadow
+            .map(|pages| (pages.doorbells, pages.event_indexes))
+    }
 
     /// Writes `data` at `iova` as the device would (tests forge completions with it).
     pub fn dma_write(&self, iova: u64, data: &[u8]) -> ring3::Result<()> {
@@ -731,13 +802,22 @@ impl NvmeModel {
     /// A doorbell write (3.1.4 "Offset 1000h + ..."; DSTRD is 0, so doorbells are 4 bytes
     /// apart: SQ y tail at 2y, CQ y head at 2y + 1).
     fn doorbell(&self, state: &mut State, offset: u64, value: u32) {
-        if state.knobs.ignore_doorbells || !state.running() || offset % 4 != 0 {
+        if offset % DOORBELL_STRIDE != 0 {
             return;
         }
-        let index = (offset - DOORBELL_BASE as u64) / 4;
+        let index = (offset - DOORBELL_BASE as u64) / DOORBELL_STRIDE;
         let Ok(queue_id) = u16::try_from(index / 2) else {
             return;
         };
+        let count = state.counters.mmio_doorbells.entry(queue_id).or_default();
+        if index % 2 == 1 {
+            count.1 += 1;
+        } else {
+            count.0 += 1;
+        }
+        if state.knobs.ignore_doorbells || !state.running() {
+            return;
+        }
         if index % 2 == 1 {
             self.completion_head_doorbell(state, queue_id, value);
         } else {
@@ -752,7 +832,9 @@ impl DeviceModel for NvmeModel {
     }
 
     fn bar_read(&self, bar: u8, offset: u64, size: u8) -> u64 {
-        let state = lock(&self.state);
+        let mut state = lock(&self.state);
+        // Any register access is a moment the model can look at the shadows.
+        self.process_shadows(&mut state);
         match (bar, size) {
             (0, 4) => u64::from(self.read_dword(&state, offset)),
             (0, 8) => {
@@ -773,6 +855,7 @@ impl DeviceModel for NvmeModel {
             }
             _ => {}
         }
+        self.process_shadows(&mut state);
     }
 
     fn interrupt_count(&self, mode: IrqMode) -> u32 {

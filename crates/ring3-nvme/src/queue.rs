@@ -79,10 +79,11 @@ impl ShadowDoorbells {
         Ok(new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old))
     }
 
-    /// Sets both the shadow and the event index of a doorbell to 0 (a new queue).
-    fn reset_slot(&self, doorbell: usize) -> Result<()> {
+    /// Sets the shadow of a doorbell to `value`, the value last written to the doorbell
+    /// (0 for a new queue), and its event index to 0.
+    fn reset_slot(&self, doorbell: usize, value: u16) -> Result<()> {
         let at = doorbell - DOORBELL_BASE;
-        self.shadow.write_volatile(at, 0u32)?;
+        self.shadow.write_volatile(at, u32::from(value))?;
         self.event_index.write_volatile(at, 0u32)?;
         Ok(())
     }
@@ -330,8 +331,10 @@ impl QueuePair {
     }
 
     /// Uses shadow doorbells from now on (before the queue is created on the controller,
-    /// or right after the admin queue was enabled): both slots of this pair start at 0.
-    /// With `always_ring`, every doorbell is also written by MMIO.
+    /// or for the admin queue once Doorbell Buffer Config completed): the shadows start at
+    /// the values last written to the doorbells, which the controller may read from them
+    /// at any time (0 for a queue not created yet; not 0 for the admin queue, which has
+    /// been used). With `always_ring`, every doorbell is also written by MMIO.
     pub fn use_shadow_doorbells(
         &mut self,
         shadow: ShadowDoorbells,
@@ -341,8 +344,8 @@ impl QueuePair {
             // Beyond the one page the specification gives the shadows: plain MMIO.
             return Ok(());
         }
-        shadow.reset_slot(self.sq_doorbell)?;
-        shadow.reset_slot(self.cq_doorbell)?;
+        shadow.reset_slot(self.sq_doorbell, self.sq_rung)?;
+        shadow.reset_slot(self.cq_doorbell, self.cq_rung)?;
         self.shadow = Some((shadow, always_ring));
         Ok(())
     }

@@ -10,7 +10,7 @@ use crate::completion::Status as CompletionStatus;
 use crate::identify::{offsets, IDENTIFY_SIZE};
 use crate::registers::Configuration;
 
-type Answer = Result<u32, CompletionStatus>;
+pub(super) type Answer = Result<u32, CompletionStatus>;
 
 /// Asynchronous Event Request (5.2).
 const ASYNC_EVENT_REQUEST: u8 = 0x0c;
@@ -113,6 +113,9 @@ impl NvmeModel {
             admin::ABORT => Ok(self.abort(state, entry)),
             admin::SET_FEATURES => set_features(state, entry),
             admin::GET_FEATURES => get_features(state, entry),
+            admin::DOORBELL_BUFFER_CONFIG if state.knobs.shadow_doorbells => {
+                self.doorbell_buffer_config(state, entry)
+            }
             ASYNC_EVENT_REQUEST => {
                 if state.async_events_outstanding > u32::from(ASYNC_EVENT_LIMIT) {
                     Err(specific(sc::ASYNC_EVENT_LIMIT_EXCEEDED))
@@ -372,9 +375,11 @@ fn identify_controller(state: &State) -> Vec<u8> {
     put(&mut data, offsets::MDTS, &[knobs.mdts]);
     put(&mut data, offsets::CNTLID, &1u16.to_le_bytes());
     put(&mut data, offsets::VER, &VERSION.to_le_bytes());
-    // An I/O controller without optional admin commands.
+    // An I/O controller whose only optional admin command is Doorbell Buffer Config
+    // (OACS bit 8), if the knob offers it.
     put(&mut data, CNTRLTYPE, &[1]);
-    put(&mut data, OACS, &0u16.to_le_bytes());
+    let oacs = if knobs.shadow_doorbells { 1u16 << 8 } else { 0 };
+    put(&mut data, OACS, &oacs.to_le_bytes());
     put(&mut data, ACL, &[ABORT_LIMIT]);
     put(&mut data, AERL, &[ASYNC_EVENT_LIMIT]);
     // One read-only firmware slot; Get Log Page takes NUMDU and offsets.

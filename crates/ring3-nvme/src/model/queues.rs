@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 
 use ring3::IrqMode;
 
+use super::shadow::Doorbell;
 use super::{aborted, NvmeModel, State};
 use crate::command::{SubmissionEntry, SUBMISSION_ENTRY_SIZE};
 use crate::completion::{CompletionEntry, Status as CompletionStatus, COMPLETION_ENTRY_SIZE};
@@ -84,6 +85,13 @@ impl CompletionQueue {
         u32::from(self.entries) - 1 - self.used()
     }
 
+    /// Whether `value` is a head the host may report: inside the queue, and moving only over
+    /// entries the controller posted.
+    pub fn head_is_valid(&self, value: u32) -> bool {
+        let entries = u32::from(self.entries);
+        value < entries && (value + entries - u32::from(self.head)) % entries <= self.used()
+    }
+
     /// Completions this queue will have to take, besides `extra` being gathered now.
     fn has_room_for_another(&self, extra: usize) -> bool {
         let owed = self.waiting.len() + self.held.len() + extra;
@@ -102,6 +110,7 @@ impl NvmeModel {
             return;
         }
         sq.tail = value as u16;
+        self.write_shadow(state, sq_id, Doorbell::SubmissionTail, value as u16);
         self.process_submission_queue(state, sq_id);
     }
 
@@ -110,11 +119,11 @@ impl NvmeModel {
             return;
         };
         // The head may only move over entries the controller posted.
-        let entries = u32::from(cq.entries);
-        if value >= entries || (value + entries - u32::from(cq.head)) % entries > cq.used() {
+        if !cq.head_is_valid(value) {
             return;
         }
         cq.head = value as u16;
+        self.write_shadow(state, cq_id, Doorbell::CompletionHead, value as u16);
         self.post_waiting(state, cq_id);
         // Submission queues that stopped for lack of room carry on.
         let blocked: Vec<u16> = state
@@ -129,11 +138,17 @@ impl NvmeModel {
     }
 
     /// Fetches and executes commands from the SQ head to its tail while the CQ has room,
-    /// then posts their completions (reversed or held, if the knobs say so).
+    /// then posts their completions (reversed or held, if the knobs say so). With shadow
+    /// doorbells, the tail and the CQ head are read from the shadows as it goes.
     pub(super) fn process_submission_queue(&self, state: &mut State, sq_id: u16) {
         let mut batch = Vec::new();
         let mut cq_id = None;
+        self.refresh_sq_tail(state, sq_id);
         while state.running() && state.knobs.fatal_after != Some(0) {
+            let Some(sq_cq_id) = state.submission_queues.get(&sq_id).map(|sq| sq.cq_id) else {
+                break;
+            };
+            self.refresh_cq_head(state, sq_cq_id);
             let Some(sq) = state.submission_queues.get(&sq_id).cloned() else {
                 break;
             };
@@ -160,6 +175,7 @@ impl NvmeModel {
             if let Some(sq) = state.submission_queues.get_mut(&sq_id) {
                 sq.head = head;
             }
+            self.fetched_from(state, sq_id);
             if let Some(left) = state.knobs.fatal_after.as_mut() {
                 *left = left.saturating_sub(1);
             }
@@ -244,6 +260,14 @@ impl NvmeModel {
     /// Posts waiting completions of `cq_id` while it has room.
     pub(super) fn post_waiting(&self, state: &mut State, cq_id: u16) {
         while state.running() {
+            let waiting = state
+                .completion_queues
+                .get(&cq_id)
+                .is_some_and(|cq| !cq.waiting.is_empty());
+            if !waiting {
+                return;
+            }
+            self.refresh_cq_head(state, cq_id);
             let Some(cq) = state.completion_queues.get_mut(&cq_id) else {
                 return;
             };

@@ -741,3 +741,88 @@ proptest! {
         }
     }
 }
+
+fn doorbell_buffer_config(shadow: u64, event_index: u64) -> SubmissionEntry {
+    SubmissionEntry::doorbell_buffer_config(shadow, event_index)
+}
+
+fn u32_at(page: &DmaBuffer, at: usize) -> u32 {
+    let mut bytes = [0u8; 4];
+    page.read(at, &mut bytes).unwrap();
+    u32::from_le_bytes(bytes)
+}
+
+#[test]
+fn doorbell_buffer_config_checks_its_pages_and_shadows_move_the_queues() {
+    let mut h = Harness::new();
+    let shadow = h.buffer(PAGE);
+    let event_index = h.buffer(PAGE);
+    let invalid = generic(sc::INVALID_FIELD);
+    for (prp1, prp2) in [
+        (0, event_index.iova()),
+        (shadow.iova(), 0),
+        (shadow.iova() + 4, event_index.iova()),
+        (shadow.iova(), event_index.iova() + 512),
+    ] {
+        assert_eq!(h.admin(doorbell_buffer_config(prp1, prp2)).status, invalid);
+    }
+    assert_eq!(h.model().shadow_doorbell_pages(), None);
+    let config = doorbell_buffer_config(shadow.iova(), event_index.iova());
+    assert_eq!(h.admin(config).status, CompletionStatus::SUCCESS);
+    assert_eq!(h.model().doorbell_buffer_configs(), 1);
+    // The admin SQ shadow starts at its tail (SQ 0 at 0, CQ 0 at 4).
+    assert_eq!(u32_at(&shadow, 0), u32::from(h.queues[&0].tail));
+
+    h.create_pair(1, 8, None);
+    let (sq_mmio, _) = h.model().mmio_doorbell_writes(1);
+    // Two commands announced through the shadow only (SQ 1 tail at 8).
+    h.push(1, io(FLUSH, 1, 0, 1));
+    h.push(1, io(FLUSH, 1, 0, 1));
+    shadow.write(8, &2u32.to_le_bytes()).unwrap();
+    assert_eq!(h.model().flushes(), 0, "not looked at yet");
+    h.model().process_shadow_doorbells();
+    assert_eq!(h.model().flushes(), 2);
+    assert_eq!(u32_at(&event_index, 8), 2, "event index: the tail it saw");
+    assert_eq!(h.reap(1).len(), 2);
+    // Any register access also makes the model look.
+    h.push(1, io(FLUSH, 1, 0, 1));
+    shadow.write(8, &3u32.to_le_bytes()).unwrap();
+    h.csts();
+    assert_eq!(h.model().flushes(), 3);
+    assert_eq!(h.model().mmio_doorbell_writes(1).0, sq_mmio, "no SQ MMIO");
+    // An MMIO write still works, and lands in the shadow too.
+    h.push(1, io(FLUSH, 1, 0, 1));
+    h.ring(1);
+    assert_eq!(h.model().flushes(), 4);
+    assert_eq!(u32_at(&shadow, 8), 4);
+    assert_eq!(h.reap(1).len(), 2);
+
+    // Garbage in the shadow is ignored like a bad doorbell.
+    shadow.write(8, &0xffffu32.to_le_bytes()).unwrap();
+    shadow.write(12, &0x1234u32.to_le_bytes()).unwrap();
+    h.model().process_shadow_doorbells();
+    assert_eq!(h.model().flushes(), 4);
+
+    // Ignored shadows: only MMIO moves the queue.
+    h.model().set_ignore_shadow(true);
+    h.push(1, io(FLUSH, 1, 0, 1));
+    shadow.write(8, &5u32.to_le_bytes()).unwrap();
+    h.model().process_shadow_doorbells();
+    assert_eq!(h.model().flushes(), 4);
+    h.ring(1);
+    assert_eq!(h.model().flushes(), 5);
+    assert_eq!(u32_at(&event_index, 8), 4, "event index left alone");
+
+    // A reset forgets the pages.
+    h.bar.write32(CC as usize, 0).unwrap();
+    assert_eq!(h.model().shadow_doorbell_pages(), None);
+}
+
+#[test]
+fn doorbell_buffer_config_is_an_invalid_opcode_unless_offered() {
+    let mut h = Harness::new();
+    h.model().set_shadow_doorbells(false);
+    let page = h.buffer(PAGE);
+    let config = doorbell_buffer_config(page.iova(), page.iova());
+    assert_eq!(h.admin(config).status, generic(sc::INVALID_OPCODE));
+}
