@@ -5,6 +5,7 @@
 //! anything; every report says so.
 
 mod capture;
+mod hostload;
 pub mod nvme;
 mod plot;
 mod report;

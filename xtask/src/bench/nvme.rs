@@ -3,9 +3,11 @@
 //!
 //! The host checks its tools, builds `ring3` in release mode, boots the lab with one NVMe
 //! controller (one namespace, 4096-byte blocks) and runs the guest script of
-//! [`super::script`], which measures the kernel driver with fio and then ring3 with
-//! `ring3 bench nvme`. The results come back on the console ([`super::capture`]); the host
-//! parses them ([`super::results`]) and writes the report ([`super::report`]).
+//! [`super::script`], which measures each workload with fio on the kernel driver and with
+//! `ring3 bench nvme`, alternating which goes first. The results come back on the console
+//! ([`super::capture`]); the host parses and checks them ([`super::results`]), notes how
+//! busy the host was meanwhile ([`super::hostload`]) and writes the report
+//! ([`super::report`]).
 
 use std::fs;
 use std::io::{self, Write};
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context, Result};
 
 use super::capture::{Block, CaptureSink, Captured};
+use super::hostload;
 use super::report::{self, Environment, Outcome, Report, Row, Settings};
 use super::results;
 use super::script::{self, Plan};
@@ -27,6 +30,10 @@ const MIB: u64 = 1 << 20;
 
 /// The kernel driver's polled queues (`nvme poll_queues=`), which fio's `--hipri` needs.
 const POLL_QUEUES: u32 = 2;
+
+/// Other processes' (or the hypervisor's) share of the host's CPU time above which the
+/// report warns that the numbers are disturbed.
+const BUSY_HOST_PERCENT: f64 = 5.0;
 
 /// The files the bench writes into its output directory.
 pub const REPORT_FILE: &str = "nvme.md";
@@ -133,10 +140,15 @@ impl Config {
             None => lab::workspace_root().join("bench").join("results"),
         };
         let runs = workloads.len() as u64 * if args.kernel_only { 1 } else { 2 };
-        // Boot, the fill pass at about 100 MiB/s, and per run its duration plus the
-        // start-up of a program under TCG (fio takes a few seconds); the timeout leaves
-        // room for a slower host.
-        let expected = 40 + region_bytes / MIB / 100 + runs * (duration_s + 7);
+        let moves = if args.kernel_only {
+            0
+        } else {
+            workloads.len() as u64
+        };
+        // Boot, the fill pass at about 100 MiB/s, per run its duration plus the start-up
+        // of a program under TCG (fio takes a few seconds), and the moves of the
+        // controller between drivers; the timeout leaves room for a slower host.
+        let expected = 30 + region_bytes / MIB / 100 + runs * (duration_s + 4) + moves * 3;
         let timeout = Duration::from_secs(args.timeout.unwrap_or(2 * expected + 300));
         Ok(Config {
             duration_s,
@@ -222,7 +234,7 @@ pub fn run(args: NvmeArgs) -> Result<i32> {
         config.workloads.len(),
         config.duration_s,
         if ring3.is_some() {
-            "the kernel driver, then ring3"
+            "the kernel driver and ring3, alternating"
         } else {
             "the kernel driver"
         },
@@ -242,7 +254,11 @@ pub fn run(args: NvmeArgs) -> Result<i32> {
         "-c".to_string(),
         script::guest_script(&plan),
     ];
+    let cpu_before = hostload::snapshot();
     let lab_result = lab::run_in_lab_with_output(&options, &command, Box::new(sink));
+    let host_load = cpu_before
+        .zip(hostload::snapshot())
+        .and_then(|(before, after)| hostload::between(&before, &after));
     eprintln!(
         "bench: the VM ran for {:.0} s",
         started.elapsed().as_secs_f64()
@@ -273,11 +289,24 @@ pub fn run(args: NvmeArgs) -> Result<i32> {
             match *status {
                 script::EXIT_NO_DEVICE => ": no usable NVMe namespace under the kernel driver",
                 script::EXIT_FILL_FAILED => ": the fill pass failed",
-                script::EXIT_BIND_FAILED => ": `ring3 bind` failed",
+                script::EXIT_SWITCH_FAILED => {
+                    ": moving the controller between nvme and vfio-pci failed"
+                }
                 _ => "",
             }
         )),
         Err(err) => notes.push(format!("The lab run failed: {err:#}.")),
+    }
+    if let Some(load) = host_load {
+        if load.others_percent > BUSY_HOST_PERCENT || load.steal_percent > BUSY_HOST_PERCENT {
+            notes.push(format!(
+                "While the VM ran, other processes used {:.0}% of the host's CPU time and the \
+                 hypervisor under the host took {:.0}%. Under TCG that slows whichever driver \
+                 is running at the time; the alternating order spreads it over both, but \
+                 rerun on an idle host before trusting a ratio.",
+                load.others_percent, load.steal_percent
+            ));
+        }
     }
     if let Some(why) = &ring3_missing {
         if !args.kernel_only {
@@ -327,6 +356,7 @@ pub fn run(args: NvmeArgs) -> Result<i32> {
                 .ok()
                 .map(|s| s.trim().to_string()),
             qemu: qemu_version(),
+            host_load,
             guest,
         },
         settings: Settings {

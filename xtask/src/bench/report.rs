@@ -6,6 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
+use super::hostload::HostLoad;
 use super::plot::{self, Series};
 use super::results::{implausible_latency, Latency, Measurement};
 use super::workload::{Completion, Pattern, Workload, SMALL_BLOCK};
@@ -103,6 +104,8 @@ pub struct Environment {
     pub host_cpus: usize,
     pub host_kernel: Option<String>,
     pub qemu: Option<String>,
+    /// Where the host's CPU time went while the VM ran.
+    pub host_load: Option<HostLoad>,
     /// `key=value` facts the guest reported (kernel, fio version, queues, ...).
     pub guest: Vec<(String, String)>,
 }
@@ -347,8 +350,20 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "- Guest: Linux {}, booted once; the kernel driver ran every workload first, then \
-             the controller ({}) went to vfio-pci (`ring3 bind`) and ring3 ran them.",
+            "- Host load while the VM ran: {}.",
+            match &env.host_load {
+                Some(load) => format!(
+                    "other processes used {:.1}% of the host's CPU time, steal {:.1}%",
+                    load.others_percent, load.steal_percent
+                ),
+                None => "not measured".to_string(),
+            }
+        );
+        let _ = writeln!(
+            s,
+            "- Guest: Linux {}, booted once. Each workload ran on both drivers back to back, \
+             alternately kernel first and ring3 first, the controller ({}) moving between \
+             `nvme` and vfio-pci with `ring3 bind` and `ring3 unbind`.",
             env.guest("guest_kernel").unwrap_or(unknown),
             env.guest("device").unwrap_or(unknown)
         );
@@ -400,6 +415,8 @@ impl Report {
                 "cpus": env.host_cpus,
                 "kernel": env.host_kernel,
                 "qemu": env.qemu,
+                "others_cpu_percent": env.host_load.map(|l| l.others_percent),
+                "steal_cpu_percent": env.host_load.map(|l| l.steal_percent),
             },
             "guest": guest,
             "settings": {
@@ -532,6 +549,10 @@ mod tests {
                 host_cpus: 2,
                 host_kernel: Some("6.1.0".into()),
                 qemu: Some("QEMU emulator version 7.2.22".into()),
+                host_load: Some(HostLoad {
+                    others_percent: 1.25,
+                    steal_percent: 0.0,
+                }),
                 guest: vec![
                     ("guest_kernel".into(), "6.12.117+deb12-amd64".into()),
                     ("device".into(), "0000:00:01.0".into()),
@@ -599,6 +620,10 @@ mod tests {
         assert!(md.contains("poll_queues=2"));
         assert!(md.contains("(nvme-iops-vs-qd.svg)"));
         assert!(md.contains("- ring3 failed one workload"));
+        assert!(
+            md.contains("other processes used 1.2% of the host's CPU time"),
+            "{md}"
+        );
     }
 
     #[test]
