@@ -1,0 +1,90 @@
+//! `ring3d`, the ring3 driver host — so far, its configuration file.
+//!
+//! The daemon will bind the devices named in its config file to vfio-pci, run each
+//! driver in its own unprivileged process, restart it within a budget when it dies, and
+//! expose it as a standard device. This crate holds the first layer of that: reading and
+//! checking the config, and finding its devices on the machine, without touching any of
+//! them. Nothing is bound until the whole config is valid.
+//!
+//! ```
+//! use ring3d::Config;
+//!
+//! let text = r#"
+//! [[device]]
+//! name = "fast0"
+//! pci = "0000:03:00.0"
+//! driver = "nvme"
+//! [device.nvme]
+//! queue_depth = 5000
+//! "#;
+//! let errors = Config::parse(text, "ring3d.toml").unwrap_err();
+//! assert_eq!(
+//!     errors.to_string(),
+//!     r#"ring3d.toml:7:15: device "fast0": nvme: queue_depth 5000 is out of range (2 to 4096)"#
+//! );
+//! ```
+//!
+//! On a machine, [`Config::load`] reads the file and [`Config::resolve`] turns it into a
+//! [`Plan`](config::Plan) against `ring3::pci::Sysfs::system()`; `ring3d --config FILE
+//! --check` does both and prints the plan or every problem (exit status 1).
+//!
+//! # The config file
+//!
+//! TOML, by default at `/etc/ring3/ring3d.toml`; `ring3d.example.toml` beside this crate's
+//! `Cargo.toml` shows every key.
+//!
+//! ```toml
+//! [daemon]                                  # optional, as is every key in it
+//! socket = "/run/ring3/ring3d.sock"         # control socket: an absolute path
+//! socket_group = "ring3"                    # group allowed to use it (mode 0660);
+//!                                           # none (the default): root only (0600)
+//! driver_user = "ring3"                     # user the drivers run as; never root
+//! restart_budget = { restarts = 5, window_s = 1800 }
+//! heartbeat_ms = 1000                       # 10 to 60000
+//! heartbeat_timeout_ms = 5000               # 20 to 600000, more than heartbeat_ms
+//!
+//! [[device]]                                # at least one
+//! name = "fast0"                            # unique; letters, digits, _ - . (at most 32)
+//! pci = "0000:03:00.0"                      # either the device's address ...
+//! # match = "1b36:0010"                     # ... or its vendor:device IDs (4 hex digits
+//! # index = 0                               #     each), and which of them in address
+//!                                           #     order, from 0, if several match
+//! driver = "nvme"                           # the known drivers: nvme
+//! expose = "ublk"                           # nvme: ublk (the default)
+//! [device.nvme]                             # the driver's options, all optional
+//! queues = 4                                # I/O queue pairs, 1 to 1024 (default 4)
+//! queue_depth = 128                         # entries per queue, 2 to 4096 (default 128)
+//! namespaces = [1]                          # namespace IDs (default: all)
+//! ```
+//!
+//! `restart_budget`: a driver that dies more than `restarts` times (0 to 1000; default 5)
+//! within `window_s` seconds (1 to 604800; default 1800) is left stopped. A driver is
+//! deemed hung, and restarted, when it has not sent a heartbeat for
+//! `heartbeat_timeout_ms`.
+//!
+//! # What is checked
+//!
+//! [`Config::parse`] reports every problem in the file, not just the first, each as
+//! `FILE:LINE:COLUMN: what is wrong; what would be right`, in file order:
+//! TOML syntax; unknown keys and sections; values of the wrong type; malformed `pci`
+//! addresses and `match` IDs; devices with both or neither of `pci` and `match`, or an
+//! `index` without `match`; missing names and drivers; duplicate names; the same address
+//! (however written) or the same `match` and `index` twice; unknown drivers; exposures
+//! that do not fit the driver; numbers out of range; a heartbeat timeout not longer than
+//! the heartbeat; a `driver_user` of root; no devices at all.
+//!
+//! [`Config::resolve`] then checks the file against the machine: each `pci` address must
+//! be a device, each `match` must find exactly one device (or as many as its `index`
+//! needs), each device must be of the class its driver drives (an NVMe controller for
+//! `nvme`), and no two entries may end on the same device. It only reads sysfs.
+//!
+//! Whether `driver_user` and `socket_group` exist on the machine is left to the daemon.
+
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod error;
+
+pub use config::Config;
+pub use error::{ConfigError, ConfigErrors, Location};
