@@ -121,6 +121,8 @@ struct QueueResult {
     latency_ns: Histogram<u64>,
     /// MMIO doorbell writes, kicks, and whether shadow doorbells were on.
     doorbells: (u64, u64, bool),
+    /// Polls that found nothing while I/O was in flight.
+    empty_polls: u64,
     ios: u64,
     errors: u64,
     first_error: Option<String>,
@@ -260,11 +262,13 @@ fn nvme(args: NvmeBenchArgs) -> ring3::Result<()> {
     let mut latency = latency_histogram()?;
     let (mut ios, mut errors, mut first_error) = (0u64, 0u64, None);
     let (mut mmio_doorbells, mut kicks, mut shadow) = (0u64, 0u64, true);
+    let mut empty_polls = 0u64;
     for result in results {
         let result = result?;
         mmio_doorbells += result.doorbells.0;
         kicks += result.doorbells.1;
         shadow &= result.doorbells.2;
+        empty_polls += result.empty_polls;
         latency
             .add(&result.latency_ns)
             .map_err(|e| invalid(e.to_string()))?;
@@ -311,6 +315,8 @@ fn nvme(args: NvmeBenchArgs) -> ring3::Result<()> {
                 "mmio_writes_per_io": mmio_doorbells as f64 / ios.max(1) as f64,
                 "kicks": kicks,
             },
+            // Many empty polls per I/O: the driver is waiting for the device, not working.
+            "empty_polls_per_io": empty_polls as f64 / ios.max(1) as f64,
         });
         println!("{value}");
     } else {
@@ -351,6 +357,12 @@ fn nvme(args: NvmeBenchArgs) -> ring3::Result<()> {
                 String::new()
             }
         );
+        if !args.interrupts {
+            println!(
+                "  waiting    {:.1} empty polls per I/O",
+                empty_polls as f64 / ios.max(1) as f64
+            );
+        }
         println!("  errors     {errors}");
         if let Some(error) = &first_error {
             println!("  first error: {error}");
@@ -539,6 +551,7 @@ fn worker<B: Backend>(
             stats.kicks,
             queue.uses_shadow_doorbells(),
         ),
+        empty_polls: stats.empty_polls,
         latency_ns: latency,
         ios,
         errors,
