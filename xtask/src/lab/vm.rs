@@ -655,7 +655,10 @@ fn device_args(
                     arg(
                         "-drive",
                         format!(
-                            "file={},if=none,id=nvme{i}n{nsid},format=raw",
+                            // discard=unmap: deallocated blocks become holes in
+                            // the image and read back as zeroes, as the namespace's
+                            // DLFEAT promises (QEMU ignores discards by default).
+                            "file={},if=none,id=nvme{i}n{nsid},format=raw,discard=unmap",
                             qemu_opt_value(&path_str(&image)?)
                         ),
                     );
