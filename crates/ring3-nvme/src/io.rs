@@ -755,7 +755,7 @@ impl<B: Backend> IoQueue<B> {
         Ok(())
     }
 
-    /// Runs one read or write to completion and returns the buffer.
+    /// Runs one read to completion and returns the buffer with the data.
     pub fn read_sync(
         &mut self,
         nsid: u32,
@@ -763,12 +763,7 @@ impl<B: Backend> IoQueue<B> {
         blocks: u32,
         buffer: DmaBuffer,
     ) -> Result<DmaBuffer> {
-        self.read(nsid, lba, blocks, buffer, 0)?;
-        self.run_one().and_then(|buffer| {
-            buffer.ok_or_else(|| Error::ControllerFailed {
-                reason: "the buffer could not be recovered".into(),
-            })
-        })
+        self.transfer_sync(io::READ, nsid, lba, blocks, buffer)
     }
 
     /// Runs one write to completion and returns the buffer.
@@ -779,11 +774,20 @@ impl<B: Backend> IoQueue<B> {
         blocks: u32,
         buffer: DmaBuffer,
     ) -> Result<DmaBuffer> {
-        self.write(nsid, lba, blocks, buffer, 0)?;
-        self.run_one().and_then(|buffer| {
-            buffer.ok_or_else(|| Error::ControllerFailed {
-                reason: "the buffer could not be recovered".into(),
-            })
+        self.transfer_sync(io::WRITE, nsid, lba, blocks, buffer)
+    }
+
+    fn transfer_sync(
+        &mut self,
+        opcode: u8,
+        nsid: u32,
+        lba: u64,
+        blocks: u32,
+        buffer: DmaBuffer,
+    ) -> Result<DmaBuffer> {
+        self.transfer(opcode, nsid, lba, blocks, buffer, 0)?;
+        self.run_one()?.ok_or_else(|| Error::ControllerFailed {
+            reason: "the controller could not be stopped, so the buffer was given up".into(),
         })
     }
 

@@ -292,20 +292,32 @@ fn a_bogus_command_id_resets_the_controller_and_the_queue_recovers() {
     assert_eq!(read_back(&mut queue, 1, 5, 1, 512), vec![9; 512]);
 }
 
-#[test]
-fn a_bogus_sq_head_resets_the_controller() {
+/// One read against a model that `misbehave` set up: the read fails with a reset whose
+/// reason contains `expected`, and the queue works again afterwards.
+fn one_read_resets_and_recovers(misbehave: impl FnOnce(&NvmeModel), expected: &str) {
     let nvme = controller();
     let mut queue = queue(&nvme);
-    model(&nvme).set_bogus_sq_head(200);
+    misbehave(model(&nvme));
     let mut out = Vec::new();
     queue
         .read(1, 0, 1, queue.alloc_buffer(512).unwrap(), 1)
         .unwrap();
     queue.drain(&mut out).unwrap();
-    failed_with_reset(&out, "SQ head 200");
+    failed_with_reset(&out, expected);
+    assert_eq!(nvme.resets(), 1);
     queue
         .write_sync(1, 0, 1, filled(&queue, &[1; 512]))
         .unwrap();
+}
+
+#[test]
+fn a_bogus_sq_head_resets_the_controller() {
+    one_read_resets_and_recovers(|model| model.set_bogus_sq_head(200), "SQ head 200");
+}
+
+#[test]
+fn a_fatal_controller_status_resets_with_a_clear_error() {
+    one_read_resets_and_recovers(|model| model.set_fatal_after(0), "CSTS.CFS");
 }
 
 #[test]
@@ -325,22 +337,6 @@ fn a_command_that_never_completes_times_out_and_resets() {
     failed_with_reset(&out, "did not complete within");
     assert_eq!(nvme.resets(), 1);
     model(&nvme).set_hold_completions(false);
-    queue
-        .write_sync(1, 0, 1, filled(&queue, &[4; 512]))
-        .unwrap();
-}
-
-#[test]
-fn a_fatal_controller_status_resets_with_a_clear_error() {
-    let nvme = controller();
-    let mut queue = queue(&nvme);
-    model(&nvme).set_fatal_after(0);
-    queue
-        .read(1, 0, 1, queue.alloc_buffer(512).unwrap(), 1)
-        .unwrap();
-    let mut out = Vec::new();
-    queue.drain(&mut out).unwrap();
-    failed_with_reset(&out, "CSTS.CFS");
     queue
         .write_sync(1, 0, 1, filled(&queue, &[4; 512]))
         .unwrap();
