@@ -302,8 +302,7 @@ pub fn run(args: NvmeArgs) -> Result<i32> {
             notes.push(format!(
                 "While the VM ran, other processes used {:.0}% of the host's CPU time and the \
                  hypervisor under the host took {:.0}%. Under TCG that slows whichever driver \
-                 is running at the time; the alternating order spreads it over both, but \
-                 rerun on an idle host before trusting a ratio.",
+                 is running at the time; rerun on an idle host before trusting a ratio.",
                 load.others_percent, load.steal_percent
             ));
         }
