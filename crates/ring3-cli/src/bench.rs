@@ -103,6 +103,9 @@ pub struct NvmeBenchArgs {
     /// Length of the byte range used [default: the rest of the namespace].
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
+    /// Use shadow doorbells if the controller offers them (default: every doorbell by MMIO).
+    #[arg(long)]
+    pub shadow_doorbells: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -214,7 +217,11 @@ fn nvme(args: NvmeBenchArgs) -> ring3::Result<()> {
             args.duration
         )));
     }
-    let controller = crate::nvme::open(&args.address)?;
+    let options = ring3_nvme::ControllerOptions {
+        shadow_doorbells: args.shadow_doorbells,
+        ..Default::default()
+    };
+    let controller = crate::nvme::open_with(&args.address, options)?;
     let ns = controller.namespace(args.nsid)?.clone();
     let region = region(&args, &ns, controller.max_transfer_bytes())?;
     let granted = controller.max_io_queues();
@@ -576,6 +583,7 @@ mod tests {
             read_percent: 70,
             offset,
             size,
+            shadow_doorbells: false,
             json: false,
         }
     }

@@ -104,8 +104,16 @@ fn parse_byte(text: &str) -> Result<u8, String> {
 
 /// Opens the controller with the default options.
 pub fn open(address: &str) -> ring3::Result<Controller<VfioBackend>> {
+    open_with(address, ControllerOptions::default())
+}
+
+/// Opens the controller with `options`.
+pub fn open_with(
+    address: &str,
+    options: ControllerOptions,
+) -> ring3::Result<Controller<VfioBackend>> {
     let backend = VfioBackend::open(address)?;
-    Ok(Controller::new(backend, ControllerOptions::default())?)
+    Ok(Controller::new(backend, options)?)
 }
 
 /// Runs `ring3 nvme`.

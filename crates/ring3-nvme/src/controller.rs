@@ -44,7 +44,11 @@ pub struct ControllerOptions {
     pub command_timeout: Duration,
     /// I/O queue pairs to ask the controller for (it may grant fewer).
     pub io_queues: u16,
-    /// Use shadow doorbells if the controller offers them (OACS bit 8): fewer MMIO writes.
+    /// Use shadow doorbells if the controller offers them (OACS bit 8): fewer MMIO writes
+    /// at high queue depths. Off by default: on QEMU 7.2's emulated controller they saved
+    /// nothing measurable (batching already brings MMIO writes to 0.06 per I/O at QD32,
+    /// and at QD1 every submission needs one anyway) and they add the rare missed update
+    /// that only the idle kick recovers from.
     pub shadow_doorbells: bool,
 }
 
@@ -54,7 +58,7 @@ impl Default for ControllerOptions {
             admin_queue_entries: 32,
             command_timeout: Duration::from_secs(5),
             io_queues: 64,
-            shadow_doorbells: true,
+            shadow_doorbells: false,
         }
     }
 }

@@ -16,6 +16,15 @@ fn controller_with(options: ControllerOptions) -> Controller<Fake> {
     Controller::new(fake_nvme("nvme-io"), options).expect("controller comes up on the model")
 }
 
+/// A controller that uses the model's shadow doorbells.
+fn shadow_controller() -> Controller<Fake> {
+    controller_with(ControllerOptions {
+        command_timeout: Duration::from_millis(300),
+        shadow_doorbells: true,
+        ..ControllerOptions::default()
+    })
+}
+
 fn controller() -> Controller<Fake> {
     controller_with(ControllerOptions {
         command_timeout: Duration::from_millis(300),
@@ -543,7 +552,7 @@ fn doorbell_buffer_configs_seen(nvme: &Controller<Fake>) -> usize {
 
 #[test]
 fn shadow_doorbells_are_configured_at_bring_up_and_io_verifies() {
-    let nvme = controller();
+    let nvme = shadow_controller();
     assert_eq!(doorbell_buffer_configs_seen(&nvme), 1);
     assert!(model(&nvme).shadow_doorbell_pages().is_some());
     assert!(nvme.with_admin_queue(|q| q.uses_shadow_doorbells()));
@@ -638,7 +647,7 @@ fn without_shadow_doorbells_offered_none_are_configured() {
 
 #[test]
 fn commands_submitted_while_the_device_is_busy_skip_most_mmio_doorbells() {
-    let nvme = controller();
+    let nvme = shadow_controller();
     let mut queue = queue(&nvme);
     queue
         .write_sync(1, 0, 1, filled(&queue, &[1; 512]))
@@ -685,7 +694,7 @@ fn commands_submitted_while_the_device_is_busy_skip_most_mmio_doorbells() {
 
 #[test]
 fn a_device_that_ignores_the_shadows_is_kicked_by_mmio() {
-    let nvme = controller();
+    let nvme = shadow_controller();
     model(&nvme).set_ignore_shadow(true);
     let mut queue = queue(&nvme);
     let started = Instant::now();
@@ -724,7 +733,7 @@ fn a_device_that_ignores_the_shadows_is_kicked_by_mmio() {
 
 #[test]
 fn after_a_reset_shadow_doorbells_are_configured_again() {
-    let nvme = controller();
+    let nvme = shadow_controller();
     let mut queue = queue(&nvme);
     let first_pages = model(&nvme).shadow_doorbell_pages();
     assert!(first_pages.is_some());
