@@ -389,7 +389,7 @@ impl<B: Backend> Controller<B> {
     }
 }
 
-fn find_namespace(namespaces: &[Namespace], nsid: u32) -> Result<&Namespace> {
+pub(crate) fn find_namespace(namespaces: &[Namespace], nsid: u32) -> Result<&Namespace> {
     namespaces
         .iter()
         .find(|ns| ns.id == nsid)

@@ -30,7 +30,7 @@ use ring3::{Backend, DmaBuffer, Interrupt};
 
 use crate::command::{io, SubmissionEntry, SUBMISSION_ENTRY_SIZE};
 use crate::completion::{CompletionEntry, StatusCodeType, COMPLETION_ENTRY_SIZE};
-use crate::controller::Shared;
+use crate::controller::{find_namespace, Shared};
 use crate::error::{Error, Result};
 use crate::namespace::Namespace;
 use crate::prp::{self, PRP_ENTRY_SIZE};
@@ -348,13 +348,14 @@ impl<B: Backend> IoQueue<B> {
 
     /// The active namespace `nsid`.
     pub fn namespace(&self, nsid: u32) -> Result<&Namespace> {
-        self.namespaces
-            .iter()
-            .find(|ns| ns.id == nsid)
-            .ok_or_else(|| Error::NoSuchNamespace {
-                nsid,
-                active: self.namespaces.iter().map(|ns| ns.id).collect(),
-            })
+        find_namespace(&self.namespaces, nsid)
+    }
+
+    fn queue_full(&self) -> Error {
+        Error::QueueFull {
+            queue_id: self.pair.id(),
+            entries: self.pair.entries(),
+        }
     }
 
     /// A DMA buffer for reads and writes on this queue's controller.
@@ -394,10 +395,7 @@ impl<B: Backend> IoQueue<B> {
             });
         }
         if !self.pair.has_room() {
-            return Err(Error::QueueFull {
-                queue_id: self.pair.id(),
-                entries: self.pair.entries(),
-            });
+            return Err(self.queue_full());
         }
         Ok(shift)
     }
@@ -490,10 +488,7 @@ impl<B: Backend> IoQueue<B> {
     fn next_list_offset(&self) -> Result<usize> {
         match self.pair.next_command_id() {
             Some(command_id) => Ok(usize::from(command_id) << self.shared.page_shift),
-            None => Err(Error::QueueFull {
-                queue_id: self.pair.id(),
-                entries: self.pair.entries(),
-            }),
+            None => Err(self.queue_full()),
         }
     }
 
@@ -530,10 +525,7 @@ impl<B: Backend> IoQueue<B> {
             });
         }
         if !self.pair.has_room() {
-            return Err(Error::QueueFull {
-                queue_id: self.pair.id(),
-                entries: self.pair.entries(),
-            });
+            return Err(self.queue_full());
         }
         // The range list goes in the command's list page (256 × 16 bytes fit any page).
         let offset = self.next_list_offset()?;
