@@ -79,12 +79,17 @@
 //! `nvme`), and no two entries may end on the same device. It only reads sysfs.
 //!
 //! Whether `driver_user` and `socket_group` exist on the machine is left to the daemon.
+//!
+//! [`sandbox`] is what a driver process gives up before it touches device data;
+//! [`control`] is the socket `ring3 status`, `restart` and `stop` talk to.
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod control;
 pub mod error;
+pub mod sandbox;
 
 pub use config::Config;
 pub use error::{ConfigError, ConfigErrors, Location};
