@@ -4,6 +4,7 @@
 //! for example `RUST_LOG=ring3=debug ring3 bind 0000:00:03.0`.
 
 mod bench;
+mod daemon;
 mod edu;
 mod nvme;
 mod pci;
@@ -39,6 +40,12 @@ enum Command {
     Nvme(nvme::NvmeArgs),
     /// Measure a device through a ring3 driver (IOPS, bandwidth, latency, CPU).
     Bench(bench::BenchArgs),
+    /// Show the devices the ring3d daemon drives: state, process, restarts, I/O counts.
+    Status(daemon::StatusArgs),
+    /// Ask the ring3d daemon to restart a device's driver (also one it gave up on).
+    Restart(daemon::DeviceArgs),
+    /// Ask the ring3d daemon to stop a device's driver and leave it stopped.
+    Stop(daemon::DeviceArgs),
 }
 
 /// An error from any subcommand; printed with its chain of causes.
@@ -52,6 +59,9 @@ fn run(command: Command) -> Result<(), CommandError> {
         Command::Edu(args) => edu::run(args)?,
         Command::Nvme(args) => nvme::run(args)?,
         Command::Bench(args) => bench::run(args)?,
+        Command::Status(args) => daemon::status(args)?,
+        Command::Restart(args) => daemon::restart(args)?,
+        Command::Stop(args) => daemon::stop(args)?,
     }
     Ok(())
 }
