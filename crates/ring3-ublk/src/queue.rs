@@ -87,9 +87,11 @@ pub struct Request {
 }
 
 impl Request {
-    /// Byte offset on the device.
+    /// Byte offset on the device. For the ops with a range (read, write, discard,
+    /// write-zeroes) it is checked not to overflow together with [`Request::len_bytes`];
+    /// a flush has no range (its sector is -1, and this saturates).
     pub fn offset_bytes(&self) -> u64 {
-        self.start_sector * sys::SECTOR_BYTES
+        self.start_sector.saturating_mul(sys::SECTOR_BYTES)
     }
 
     /// Length in bytes.
@@ -113,11 +115,14 @@ pub fn decode_descriptor(
         start_sector: desc.start_sector,
         sectors: desc.nr_sectors,
     };
-    if desc
-        .start_sector
-        .checked_add(desc.nr_sectors.into())
-        .and_then(|end| end.checked_mul(sys::SECTOR_BYTES))
-        .is_none()
+    // A flush has no range: the block layer leaves its sector at -1.
+    let ranged = matches!(op, Op::Read | Op::Write | Op::Discard | Op::WriteZeroes);
+    if ranged
+        && desc
+            .start_sector
+            .checked_add(desc.nr_sectors.into())
+            .and_then(|end| end.checked_mul(sys::SECTOR_BYTES))
+            .is_none()
     {
         return Err(("sector range", desc.start_sector));
     }
@@ -684,7 +689,11 @@ mod tests {
         assert!(
             decode_descriptor(0, &desc(sys::UBLK_IO_OP_READ, 0, u64::MAX / 512, 1), 4096).is_err()
         );
-        assert!(decode_descriptor(0, &desc(sys::UBLK_IO_OP_FLUSH, 0, u64::MAX, 0), 4096).is_err());
+        assert!(
+            decode_descriptor(0, &desc(sys::UBLK_IO_OP_DISCARD, 0, u64::MAX - 1, 2), 4096).is_err()
+        );
+        // Flushes carry no range, and the kernel sends sector -1 with them.
+        assert!(decode_descriptor(0, &desc(sys::UBLK_IO_OP_FLUSH, 0, u64::MAX, 0), 4096).is_ok());
     }
 
     #[test]
