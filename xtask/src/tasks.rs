@@ -34,6 +34,7 @@ pub fn test_lab_options(timeout: Option<Duration>) -> LabOptions {
         devices: vec![LabDevice::Edu, LabDevice::VirtioNet, LabDevice::Nvme],
         qemu_args,
         timeout,
+        extra_modules: vec!["ublk_drv".into()],
         ..LabOptions::default()
     }
 }
