@@ -48,7 +48,7 @@ mod tests;
 pub use controller::{Controller, ControllerOptions};
 pub use error::{Error, Result};
 pub use identify::ControllerInfo;
-pub use io::{IoCompletion, IoQueue, IoQueueOptions, Rejected};
+pub use io::{IoCompletion, IoQueue, IoQueueOptions, Rejected, MAX_BLOCKS_PER_COMMAND};
 pub use log::{ErrorLogEntry, SmartLog};
 pub use namespace::Namespace;
 pub use queue::QueuePair;

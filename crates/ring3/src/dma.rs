@@ -210,6 +210,13 @@ impl DmaBuffer {
         self.iova
     }
 
+    /// The buffer's first byte in this process, for handing the memory to the kernel
+    /// (such as a ublk request buffer, which the kernel copies block data into and out
+    /// of). Whoever writes through it must not race the device's DMA.
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.base().as_ptr()
+    }
+
     /// Requested length in bytes.
     pub fn len(&self) -> usize {
         self.size

@@ -88,8 +88,12 @@
 
 pub mod config;
 pub mod control;
+pub mod daemon;
+pub mod driver;
 pub mod error;
+pub mod ipc;
 pub mod sandbox;
+pub mod supervisor;
 
 pub use config::Config;
 pub use error::{ConfigError, ConfigErrors, Location};

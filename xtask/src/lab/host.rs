@@ -271,3 +271,56 @@ pub(crate) fn process_alive(pid: i32) -> bool {
     let rc = unsafe { libc::kill(pid, 0) };
     rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
+
+/// Debian packages the workspace needs on the host beyond Rust: libclang for the bindings
+/// of the ublk crate (bindgen), and the programs the lab tests run in the guest (which
+/// sees the host's file system): fio and mkfs.ext4.
+const BUILD_PACKAGES: &[(&str, &str)] = &[
+    ("libclang-dev", ""),
+    ("fio", "fio"),
+    ("e2fsprogs", "mkfs.ext4"),
+];
+
+fn package_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| o.status.success() && o.stdout.starts_with(b"install ok installed"))
+        .unwrap_or(false)
+}
+
+/// Installs the missing [`BUILD_PACKAGES`] when running as root; otherwise says which
+/// `apt-get install` to run.
+pub fn ensure_build_packages() -> Result<()> {
+    let missing: Vec<&str> = BUILD_PACKAGES
+        .iter()
+        .filter(|(package, program)| {
+            let have_program = !program.is_empty() && find_program(program).is_some();
+            !have_program && !package_installed(package)
+        })
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if !is_root() {
+        bail!(
+            "building and testing ring3 needs these host packages: {list}\ninstall them with:\n    \
+             sudo apt-get install -y {list}"
+        );
+    }
+    let apt_get = require("apt-get")?;
+    let progress = Progress::new();
+    apt_update_once(&apt_get, &progress)?;
+    progress.println(format!("installing {list}"));
+    run_streamed(
+        apt_command(&apt_get)
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+        &format!("apt-get install {list}"),
+        &progress,
+    )
+}

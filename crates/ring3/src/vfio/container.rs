@@ -113,6 +113,33 @@ impl Container {
         })
     }
 
+    /// Takes over a container another process set up and handed over (see
+    /// [`super::VfioFds`]): `group` is already attached to it and its IOMMU is set.
+    pub(super) fn adopt(fd: OwnedFd, group: Group) -> Result<(Self, Arc<Group>)> {
+        let mut iommu = None;
+        for candidate in [IommuType::Type1v2, IommuType::Type1] {
+            if ioctl::check_extension(fd.as_fd(), candidate.raw())
+                .map_err(|e| Error::io("VFIO_CHECK_EXTENSION on a handed-over container", e))?
+            {
+                iommu = Some(candidate);
+                break;
+            }
+        }
+        let iommu = iommu.ok_or(Error::ModuleMissing {
+            module: "vfio_iommu_type1",
+        })?;
+        let group = Arc::new(group);
+        let container = Container {
+            fd,
+            iommu,
+            state: Mutex::new(ContainerState {
+                iommu_set: true,
+                groups: vec![Arc::clone(&group)],
+            }),
+        };
+        Ok((container, group))
+    }
+
     /// The IOMMU model this container uses.
     pub fn iommu_type(&self) -> IommuType {
         self.iommu
@@ -259,5 +286,11 @@ impl DmaMapper for Container {
 
     fn unmap(&self, iova: u64, len: usize) -> Result<()> {
         self.unmap_dma(iova, len)
+    }
+}
+
+impl AsFd for Container {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }

@@ -47,6 +47,11 @@ impl Group {
         })
     }
 
+    /// Takes over the open group file `fd` of IOMMU group `number`.
+    pub(super) fn adopt(fd: OwnedFd, number: u32) -> Self {
+        Group { fd, number }
+    }
+
     /// The IOMMU group number.
     pub fn number(&self) -> u32 {
         self.number

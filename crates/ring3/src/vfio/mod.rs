@@ -41,6 +41,7 @@ mod ioctl;
 #[cfg(test)]
 mod tests;
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 pub use caps::{capabilities, parse_iova_ranges, Capability, IovaRange};
@@ -139,6 +140,48 @@ impl VfioBackend {
         })
     }
 
+    /// The three open files of this device, for handing it to another process (such as
+    /// a driver process started by `ring3d`), which rebuilds it with
+    /// [`VfioBackend::from_fds`]. Duplicates of these files share their state: the
+    /// device stays open, and its DMA mappings stay in place, until the last copy of each
+    /// is closed.
+    pub fn handoff_fds(&self) -> VfioFds<BorrowedFd<'_>> {
+        VfioFds {
+            container: self.container.as_fd(),
+            group: self.group.as_fd(),
+            device: self.device.as_fd(),
+            group_number: self.group.number(),
+        }
+    }
+
+    /// Rebuilds a backend from files another process opened with [`VfioBackend::open`]
+    /// and handed over (see [`VfioBackend::handoff_fds`]): the group attached to the
+    /// container, its IOMMU set up, and the device at `address` opened from the group.
+    /// Needs no privileges beyond holding the files (and a locked-memory limit large
+    /// enough for the driver's DMA memory).
+    pub fn from_fds(fds: VfioFds<OwnedFd>, address: &str) -> Result<Self> {
+        let group = Group::adopt(fds.group, fds.group_number);
+        let (container, group) = Container::adopt(fds.container, group)?;
+        let container = Arc::new(container);
+        let device = Device::new(fds.device, address.into())?;
+        let allocator = match container.iommu_info()?.iova_ranges {
+            Some(ranges) => IovaAllocator::new(&caps::allocator_ranges(&ranges), FULL_DMA_MASK),
+            None => IovaAllocator::for_mask(FULL_DMA_MASK),
+        };
+        let dma = DmaSpace::new(Arc::clone(&container) as _, allocator);
+        tracing::debug!(
+            address,
+            group = fds.group_number,
+            "took over from another process"
+        );
+        Ok(VfioBackend {
+            device,
+            group,
+            container,
+            dma,
+        })
+    }
+
     /// The VFIO device: regions, interrupts and reset beyond what [`Backend`] offers.
     pub fn device(&self) -> &Device {
         &self.device
@@ -153,6 +196,19 @@ impl VfioBackend {
     pub fn container(&self) -> &Arc<Container> {
         &self.container
     }
+}
+
+/// The open files that make up a [`VfioBackend`], as handed from one process to another.
+#[derive(Debug)]
+pub struct VfioFds<Fd> {
+    /// `/dev/vfio/vfio`, with the group attached and the IOMMU set up.
+    pub container: Fd,
+    /// `/dev/vfio/<group_number>`.
+    pub group: Fd,
+    /// The device, from `VFIO_GROUP_GET_DEVICE_FD`.
+    pub device: Fd,
+    /// The IOMMU group's number.
+    pub group_number: u32,
 }
 
 /// vfio-pci, or one of its vendor variants (such as mlx5_vfio_pci), which also hand

@@ -1,0 +1,738 @@
+//! One device's supervisor: a thread that starts its driver process, exposes what the
+//! driver serves, watches it, and restarts it within the restart budget.
+//!
+//! Life of a device: `starting` → `running` → (the driver exits, crashes or misses its
+//! heartbeats) → `restarting` → `running` … → `failed` once the budget is spent, or
+//! `stopped` when asked (`ring3 stop`, SIGTERM), which gives the device back to its
+//! kernel driver.
+//!
+//! The ublk devices outlive driver processes: they are created once, with user recovery,
+//! so that while a driver is dead the kernel holds the applications' requests, and hands
+//! them (including the ones the dead driver had taken and not answered) to the next one.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ring3::pci::Sysfs;
+use ring3::vfio::VfioBackend;
+use ring3_ublk::{Control, DeviceSpec, Discard, Params};
+
+use crate::config::{DaemonConfig, DriverConfig, Namespaces, PlannedDevice};
+use crate::control::{DeviceStatus, IoCounters};
+use crate::ipc::{
+    Channel, Hello, IpcError, NamespaceInfo, ServeDevice, Setup, ToDriver, ToHost, DRIVER_FD,
+};
+
+/// The largest request a ublk device takes, unless the controller allows less.
+pub const MAX_IO_BYTES: u32 = 128 * 1024;
+
+/// How long a starting driver may take to bring its device up and get ready.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long the kernel may take to start a ublk device or end its recovery, and to let a
+/// dead driver's device go for recovery.
+const UBLK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a driver may take to exit once its ublk devices are stopped.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What a supervisor is asked to do.
+pub enum Request {
+    /// Restart the driver now (also brings a failed device back, with a fresh budget).
+    Restart(Sender<Result<String, String>>),
+    /// Stop the driver and give the device back to its kernel driver.
+    Stop(Sender<Result<String, String>>),
+    /// ring3d is shutting down: stop, as for `Stop`.
+    Shutdown,
+}
+
+/// What the supervisor publishes for `ring3 status`.
+#[derive(Debug)]
+struct Published {
+    status: DeviceStatus,
+    since: Instant,
+}
+
+/// A running supervisor.
+pub struct Supervisor {
+    name: String,
+    pci: String,
+    published: Arc<Mutex<Published>>,
+    requests: Sender<Request>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Everything a supervisor needs.
+#[derive(Clone)]
+pub struct Context {
+    /// The device and its driver.
+    pub device: PlannedDevice,
+    /// The daemon's settings (heartbeats, budget).
+    pub daemon: DaemonConfig,
+    /// The user drivers run as.
+    pub uid: u32,
+    /// The group drivers run as.
+    pub gid: u32,
+    /// `/dev/ublk-control`.
+    pub ublk: Arc<Control>,
+    /// Where the PCI devices are.
+    pub sysfs: Sysfs,
+    /// The program to run as the driver (`ring3d` itself, with `driver`).
+    pub program: std::path::PathBuf,
+}
+
+impl Supervisor {
+    /// Starts supervising the device; the driver starts on the new thread.
+    pub fn start(context: Context) -> std::io::Result<Supervisor> {
+        let now = Instant::now();
+        let status = DeviceStatus {
+            name: context.device.name.clone(),
+            pci: context.device.address.to_string(),
+            driver: context.device.driver.driver().name().into(),
+            expose: context.device.expose.name().into(),
+            state: "starting".into(),
+            pid: None,
+            restarts: 0,
+            since_s: 0,
+            reason: None,
+            exposed: Vec::new(),
+            io: IoCounters::default(),
+        };
+        let published = Arc::new(Mutex::new(Published { status, since: now }));
+        let (requests, receiver) = mpsc::channel();
+        let shared = Arc::clone(&published);
+        let name = context.device.name.clone();
+        let pci = context.device.address.to_string();
+        let thread = std::thread::Builder::new()
+            .name(format!("supervise-{name}"))
+            .spawn(move || {
+                let span = tracing::info_span!(
+                    "device",
+                    pci = %context.device.address,
+                    name = %context.device.name
+                );
+                let _entered = span.enter();
+                Runner::new(context, shared).run(&receiver);
+            })?;
+        Ok(Supervisor {
+            name,
+            pci,
+            published,
+            requests,
+            thread: Some(thread),
+        })
+    }
+
+    /// Whether `device` (a name or PCI address) means this device.
+    pub fn is(&self, device: &str) -> bool {
+        self.name == device || self.pci == device
+    }
+
+    /// The device's status now.
+    pub fn status(&self) -> DeviceStatus {
+        let published = self
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut status = published.status.clone();
+        status.since_s = published.since.elapsed().as_secs();
+        status
+    }
+
+    /// Asks for `request`; false if the supervisor has already finished.
+    pub fn ask(&self, request: Request) -> bool {
+        self.requests.send(request).is_ok()
+    }
+
+    /// Stops the device (if not already stopped) and waits for the supervisor to end.
+    pub fn shutdown(mut self) {
+        let _ = self.requests.send(Request::Shutdown);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A ublk device created for one namespace; it lives across driver restarts.
+#[derive(Debug, Clone)]
+struct Exposed {
+    id: u32,
+    namespace: NamespaceInfo,
+}
+
+/// A driver process and its channel.
+struct Driver {
+    child: Child,
+    channel: Channel,
+}
+
+impl Driver {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the process (if still alive) and collects it; returns how it ended.
+    fn kill(&mut self) -> String {
+        let _ = self.child.kill();
+        match self.child.wait() {
+            Ok(status) => describe_exit(status),
+            Err(e) => format!("could not be waited for: {e}"),
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself.
+    fn wait_exit(&mut self, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(describe_exit(status)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Ok(None) => return None,
+                Err(e) => return Some(format!("could not be waited for: {e}")),
+            }
+        }
+    }
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(0), _) => "exited".into(),
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal} ({})", signal_name(signal)),
+        _ => format!("ended ({status})"),
+    }
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGSYS => "SIGSYS",
+        libc::SIGILL => "SIGILL",
+        _ => "signal",
+    }
+}
+
+/// Why a running driver stopped being watched.
+enum Watched {
+    /// It died or hung; the reason.
+    Died(String),
+    /// Someone asked for something.
+    Asked(Request),
+}
+
+struct Runner {
+    context: Context,
+    published: Arc<Mutex<Published>>,
+    exposed: Vec<Exposed>,
+    /// When the driver died, within the budget's window.
+    deaths: VecDeque<Instant>,
+}
+
+impl Runner {
+    fn new(context: Context, published: Arc<Mutex<Published>>) -> Runner {
+        Runner {
+            context,
+            published,
+            exposed: Vec::new(),
+            deaths: VecDeque::new(),
+        }
+    }
+
+    fn publish(&self, change: impl FnOnce(&mut DeviceStatus)) {
+        let mut published = self
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let before = published.status.state.clone();
+        change(&mut published.status);
+        if published.status.state != before {
+            published.since = Instant::now();
+        }
+    }
+
+    fn set_state(&self, state: &str, pid: Option<u32>) {
+        self.publish(|s| {
+            s.state = state.into();
+            s.pid = pid;
+        });
+    }
+
+    fn run(mut self, requests: &Receiver<Request>) {
+        let mut state = "starting";
+        loop {
+            self.set_state(state, None);
+            let reason = match self.start_driver() {
+                Ok(mut driver) => {
+                    tracing::info!(pid = driver.pid(), "driver running");
+                    self.set_state("running", Some(driver.pid()));
+                    match self.watch(&mut driver, requests) {
+                        Watched::Died(reason) => reason,
+                        Watched::Asked(Request::Restart(reply)) => {
+                            let how = driver.kill();
+                            tracing::info!(how, "driver restarted on request");
+                            let _ = reply.send(Ok(format!(
+                                "{}: driver restarted",
+                                self.context.device.name
+                            )));
+                            state = "restarting";
+                            continue;
+                        }
+                        Watched::Asked(Request::Stop(reply)) => {
+                            let result = self.stop(Some(driver));
+                            let _ = reply.send(result);
+                            return;
+                        }
+                        Watched::Asked(Request::Shutdown) => {
+                            if let Err(e) = self.stop(Some(driver)) {
+                                tracing::error!("{e}");
+                            }
+                            return;
+                        }
+                    }
+                }
+                Err((driver, reason)) => {
+                    if let Some(mut driver) = driver {
+                        driver.kill();
+                    }
+                    reason
+                }
+            };
+            tracing::warn!(%reason, "driver failed");
+            self.publish(|s| {
+                s.reason = Some(reason.clone());
+                s.pid = None;
+            });
+            if self.spend_budget() {
+                state = "restarting";
+                self.publish(|s| s.restarts += 1);
+                continue;
+            }
+            let budget = self.context.daemon.restart_budget;
+            let failure = format!(
+                "gave up after {} restarts in {} s: {reason}",
+                budget.restarts,
+                budget.window.as_secs()
+            );
+            tracing::error!("{failure}");
+            // Nothing will answer the held requests now: fail them rather than leave
+            // applications waiting forever.
+            self.remove_exposed();
+            self.publish(|s| {
+                s.state = "failed".into();
+                s.reason = Some(failure.clone());
+                s.exposed.clear();
+            });
+            match requests.recv() {
+                Ok(Request::Restart(reply)) => {
+                    self.deaths.clear();
+                    let _ = reply.send(Ok(format!(
+                        "{}: restarting with a fresh budget",
+                        self.context.device.name
+                    )));
+                    state = "starting";
+                }
+                Ok(Request::Stop(reply)) => {
+                    let _ = reply.send(self.stop(None));
+                    return;
+                }
+                Ok(Request::Shutdown) | Err(_) => {
+                    if let Err(e) = self.stop(None) {
+                        tracing::error!("{e}");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Counts a death; false once the budget is spent.
+    fn spend_budget(&mut self) -> bool {
+        let budget = self.context.daemon.restart_budget;
+        let now = Instant::now();
+        self.deaths.push_back(now);
+        while self
+            .deaths
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > budget.window)
+        {
+            self.deaths.pop_front();
+        }
+        self.deaths.len() as u64 <= u64::from(budget.restarts)
+    }
+
+    fn nvme_options(&self) -> (u16, u16, Vec<u32>) {
+        match &self.context.device.driver {
+            DriverConfig::Nvme(options) => (
+                options.queues,
+                options.queue_depth,
+                match &options.namespaces {
+                    Namespaces::All => Vec::new(),
+                    Namespaces::Only(ids) => ids.clone(),
+                },
+            ),
+        }
+    }
+
+    /// Starts a driver process and brings its exposed devices up (or back).
+    fn start_driver(&mut self) -> Result<Driver, (Option<Driver>, String)> {
+        let address = self.context.device.address.to_string();
+        let backend = VfioBackend::open_with(&self.context.sysfs, &address)
+            .map_err(|e| (None, format!("opening the device through VFIO: {e}")))?;
+        if backend
+            .device()
+            .info()
+            .flags
+            .contains(ring3::vfio::DeviceFlags::RESET)
+        {
+            if let Err(e) = backend.device().reset() {
+                tracing::warn!(error = %e, "device reset before starting the driver failed");
+            }
+        }
+        let (channel, driver_end) =
+            Channel::pair().map_err(|e| (None, format!("creating the driver's channel: {e}")))?;
+        let child = spawn_driver(&self.context.program, driver_end)
+            .map_err(|e| (None, format!("starting the driver process: {e}")))?;
+        let mut driver = Driver { child, channel };
+        let (queues, queue_depth, namespaces) = self.nvme_options();
+        let listed = if namespaces.is_empty() {
+            16
+        } else {
+            namespaces.len()
+        };
+        let setup = Setup {
+            name: self.context.device.name.clone(),
+            pci: address.clone(),
+            group: backend.group().number(),
+            uid: self.context.uid,
+            gid: self.context.gid,
+            memlock_bytes: crate::driver::memlock_estimate(
+                queues,
+                queue_depth,
+                MAX_IO_BYTES,
+                listed,
+            ),
+            heartbeat_ms: self.context.daemon.heartbeat.as_millis() as u64,
+            queues,
+            queue_depth,
+            max_io_bytes: MAX_IO_BYTES,
+            namespaces,
+        };
+        let fds = backend.handoff_fds();
+        let sent = driver.channel.send(
+            &ToDriver::Setup(setup),
+            &[fds.container, fds.group, fds.device],
+        );
+        // The driver has its own copies now; ring3d keeps none.
+        drop(backend);
+        if let Err(e) = sent {
+            let reason = failure("sending the setup", e, &mut driver);
+            return Err((Some(driver), reason));
+        }
+        let hello = match driver.channel.recv::<ToHost>(Some(START_TIMEOUT)) {
+            Ok((ToHost::Hello(hello), _)) => hello,
+            Ok((ToHost::Failed { reason }, _)) => return Err((Some(driver), reason)),
+            Ok((other, _)) => {
+                return Err((
+                    Some(driver),
+                    format!("the driver said {other:?} before hello"),
+                ))
+            }
+            Err(e) => {
+                let reason = failure(
+                    "waiting for the driver to bring the device up",
+                    e,
+                    &mut driver,
+                );
+                return Err((Some(driver), reason));
+            }
+        };
+        tracing::info!(
+            pid = hello.pid,
+            namespaces = hello.namespaces.len(),
+            queues = hello.queues,
+            "driver brought the device up"
+        );
+        match self.expose(&mut driver, &hello, queue_depth) {
+            Ok(()) => Ok(driver),
+            Err(reason) => Err((Some(driver), reason)),
+        }
+    }
+
+    /// Creates the ublk devices (first start) or recovers them (restart), hands them to
+    /// the driver and starts them once its queues are ready.
+    fn expose(&mut self, driver: &mut Driver, hello: &Hello, depth: u16) -> Result<(), String> {
+        let ublk = Arc::clone(&self.context.ublk);
+        let first = self.exposed.is_empty();
+        let depth = depth.min(hello.max_queue_depth.max(2)).min(4096);
+        if first {
+            for namespace in &hello.namespaces {
+                let info = ublk
+                    .add(&DeviceSpec {
+                        id: None,
+                        queues: hello.queues,
+                        depth,
+                        max_io_bytes: hello.max_io_bytes,
+                        recovery: true,
+                    })
+                    .map_err(|e| {
+                        format!(
+                            "creating a ublk device for namespace {}: {e}",
+                            namespace.nsid
+                        )
+                    })?;
+                self.exposed.push(Exposed {
+                    id: info.id,
+                    namespace: *namespace,
+                });
+                ublk.set_params(info.id, &params(namespace, hello))
+                    .map_err(|e| format!("setting up ublk device {}: {e}", info.id))?;
+            }
+        } else {
+            let before: Vec<NamespaceInfo> = self.exposed.iter().map(|e| e.namespace).collect();
+            if before != hello.namespaces {
+                return Err(format!(
+                    "the device's namespaces changed across the restart: {before:?} then {:?}",
+                    hello.namespaces
+                ));
+            }
+            for exposed in &self.exposed {
+                ublk.start_recovery(exposed.id, UBLK_TIMEOUT)
+                    .map_err(|e| format!("recovering ublk device {}: {e}", exposed.id))?;
+            }
+        }
+        let mut devices = Vec::new();
+        let mut cdevs: Vec<OwnedFd> = Vec::new();
+        for exposed in &self.exposed {
+            let info = ublk
+                .info(exposed.id)
+                .map_err(|e| format!("ublk device {}: {e}", exposed.id))?;
+            devices.push(ServeDevice {
+                id: exposed.id,
+                nsid: exposed.namespace.nsid,
+                queues: info.queues,
+                depth: info.depth,
+                max_io_bytes: info.max_io_bytes,
+            });
+            cdevs.push(
+                ublk.open_char_device(exposed.id, Duration::from_secs(5))
+                    .map_err(|e| format!("opening ublk device {}: {e}", exposed.id))?,
+            );
+        }
+        let borrowed: Vec<_> = cdevs.iter().map(|fd| fd.as_fd()).collect();
+        driver
+            .channel
+            .send(&ToDriver::Serve { devices }, &borrowed)
+            .map_err(|e| failure("handing the ublk devices over", e, driver))?;
+        // Only the driver may hold them: the kernel recovers a device once its server's
+        // last file is closed.
+        drop(borrowed);
+        drop(cdevs);
+        let mut ready = 0;
+        let deadline = Instant::now() + START_TIMEOUT;
+        while ready < self.exposed.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match driver.channel.recv::<ToHost>(Some(left)) {
+                Ok((ToHost::Ready { .. }, _)) => ready += 1,
+                Ok((ToHost::Failed { reason }, _)) => return Err(reason),
+                Ok(_) => {}
+                Err(e) => return Err(failure("waiting for the driver's queues", e, driver)),
+            }
+        }
+        let pid = driver.pid() as i32;
+        for exposed in &self.exposed {
+            let done = if first {
+                ublk.start(exposed.id, pid, UBLK_TIMEOUT)
+            } else {
+                ublk.end_recovery(exposed.id, pid, UBLK_TIMEOUT)
+            };
+            done.map_err(|e| {
+                format!(
+                    "{} ublk device {}: {e}",
+                    if first {
+                        "starting"
+                    } else {
+                        "ending the recovery of"
+                    },
+                    exposed.id
+                )
+            })?;
+        }
+        let paths: Vec<String> = self
+            .exposed
+            .iter()
+            .map(|e| format!("/dev/ublkb{}", e.id))
+            .collect();
+        tracing::info!(devices = ?paths, recovered = !first, "exposed");
+        self.publish(|s| s.exposed = paths);
+        Ok(())
+    }
+
+    /// Watches a running driver until it dies, hangs, or a request comes.
+    fn watch(&self, driver: &mut Driver, requests: &Receiver<Request>) -> Watched {
+        let timeout = self.context.daemon.heartbeat_timeout;
+        let mut last = Instant::now();
+        let mut said: Option<String> = None;
+        loop {
+            match requests.try_recv() {
+                Ok(request) => return Watched::Asked(request),
+                Err(mpsc::TryRecvError::Empty) => {}
+                Err(mpsc::TryRecvError::Disconnected) => return Watched::Asked(Request::Shutdown),
+            }
+            match driver
+                .channel
+                .recv::<ToHost>(Some(Duration::from_millis(100)))
+            {
+                Ok((ToHost::Heartbeat { io }, _)) => {
+                    last = Instant::now();
+                    self.publish(|s| s.io = io);
+                }
+                Ok((ToHost::Failed { reason }, _)) => said = Some(reason),
+                Ok(_) => last = Instant::now(),
+                Err(IpcError::Timeout(_)) => {}
+                Err(IpcError::Closed) => {
+                    let how = driver.kill();
+                    return Watched::Died(match said {
+                        Some(reason) => format!("{reason} (driver {how})"),
+                        None => format!("driver process {how}"),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "bad message from the driver");
+                }
+            }
+            if last.elapsed() > timeout {
+                let how = driver.kill();
+                return Watched::Died(format!(
+                    "driver hung: no heartbeat for {} ms (then {how})",
+                    timeout.as_millis()
+                ));
+            }
+        }
+    }
+
+    /// Stops and deletes the ublk devices (the kernel drains their I/O through the
+    /// driver first), lets the driver exit, and gives the device back to its kernel
+    /// driver.
+    fn stop(&mut self, driver: Option<Driver>) -> Result<String, String> {
+        self.set_state("stopping", driver.as_ref().map(Driver::pid));
+        for exposed in &self.exposed {
+            if let Err(e) = self.context.ublk.stop(exposed.id) {
+                tracing::warn!(id = exposed.id, error = %e, "stopping the ublk device failed");
+            }
+        }
+        if let Some(mut driver) = driver {
+            match driver.wait_exit(EXIT_TIMEOUT) {
+                Some(how) => tracing::info!(how, "driver ended"),
+                None => {
+                    let how = driver.kill();
+                    tracing::warn!(how, "driver did not exit after its devices stopped");
+                }
+            }
+        }
+        self.remove_exposed();
+        let name = &self.context.device.name;
+        let result = match self
+            .context
+            .sysfs
+            .unbind_from_vfio(self.context.device.address)
+        {
+            Ok(outcome) => {
+                tracing::info!(?outcome, "device given back");
+                Ok(format!(
+                    "{name}: stopped; the device is back with its kernel driver"
+                ))
+            }
+            Err(e) => Err(format!(
+                "{name}: stopped, but giving the device back failed: {e}"
+            )),
+        };
+        self.publish(|s| {
+            s.state = "stopped".into();
+            s.pid = None;
+            s.exposed.clear();
+        });
+        result
+    }
+
+    fn remove_exposed(&mut self) {
+        for exposed in self.exposed.drain(..) {
+            if let Err(e) = self.context.ublk.stop(exposed.id) {
+                tracing::debug!(id = exposed.id, error = %e, "stopping the ublk device");
+            }
+            if let Err(e) = self.context.ublk.delete(exposed.id) {
+                tracing::warn!(id = exposed.id, error = %e, "deleting the ublk device failed");
+            }
+        }
+    }
+}
+
+/// What to report when the channel fails: the driver's own exit if it died.
+fn failure(what: &str, error: IpcError, driver: &mut Driver) -> String {
+    match error {
+        IpcError::Closed => format!("{what}: the driver process {}", driver.kill()),
+        other => format!("{what}: {other}"),
+    }
+}
+
+/// The ublk parameters for a namespace.
+fn params(namespace: &NamespaceInfo, hello: &Hello) -> Params {
+    let block = namespace.block_size;
+    Params {
+        size_bytes: namespace.blocks.saturating_mul(u64::from(block)),
+        logical_block: block,
+        physical_block: block,
+        max_io_bytes: hello.max_io_bytes,
+        volatile_cache: hello.volatile_cache,
+        fua: false,
+        discard: hello.discard.then_some(Discard {
+            granularity: block,
+            max_bytes: u32::MAX - (u32::MAX % block.max(1)),
+        }),
+        write_zeroes_max_bytes: if hello.write_zeroes {
+            u32::try_from(u64::from(block) * u64::from(ring3_nvme::MAX_BLOCKS_PER_COMMAND))
+                .unwrap_or(u32::MAX - (u32::MAX % block.max(1)))
+        } else {
+            0
+        },
+    }
+}
+
+/// Starts `program driver` with `channel` as its fd 3, dying with ring3d.
+fn spawn_driver(program: &std::path::Path, channel: OwnedFd) -> std::io::Result<Child> {
+    let raw = channel.as_raw_fd();
+    let mut command = Command::new(program);
+    command.arg("driver").stdin(Stdio::null());
+    // SAFETY: the closure runs in the child between fork and exec and only makes
+    // async-signal-safe calls (dup2, fcntl, prctl) on values computed before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            if raw == DRIVER_FD {
+                if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, DRIVER_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // A driver must not outlive the daemon that supervises it.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn();
+    drop(channel);
+    child
+}

@@ -1,0 +1,530 @@
+//! Lab tests of ring3d: the NVMe controller driven by an unprivileged, restartable
+//! driver process and used by ordinary programs through /dev/ublkbN (`cargo xtask test`).
+//!
+//! Each test starts its own ring3d with its own config and control socket, and stops it
+//! with SIGTERM, which must give the controller back.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ring3::pci::Sysfs;
+
+const NVME_CLASS: u32 = 0x01_08_02;
+
+fn in_lab() {
+    assert_eq!(
+        std::env::var("RING3_LAB").as_deref(),
+        Ok("1"),
+        "lab tests run inside the lab VM: use `cargo xtask test`"
+    );
+}
+
+fn nvme_address() -> String {
+    in_lab();
+    Sysfs::system()
+        .devices()
+        .expect("listing PCI devices")
+        .into_iter()
+        .find(|d| d.class_code == NVME_CLASS)
+        .expect("the lab VM has an NVMe controller")
+        .address
+        .to_string()
+}
+
+fn driver_of(address: &str) -> Option<String> {
+    let link = PathBuf::from(format!("/sys/bus/pci/devices/{address}/driver"));
+    fs::read_link(link)
+        .ok()
+        .and_then(|target| target.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
+
+/// A binary of the workspace, beside this test's own directory (`target/<profile>/`).
+fn bin(name: &str) -> String {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test runs from target/<profile>/deps");
+    dir.join(name).to_string_lossy().into_owned()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(format!("/tmp/ring3d-lab-{name}"));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("creating a scratch directory");
+    dir
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    eprintln!(
+        "$ {program} {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn ring3(socket: &Path, args: &[&str]) -> Output {
+    let mut all = args.to_vec();
+    let socket = socket.to_string_lossy().into_owned();
+    all.extend(["--socket", &socket]);
+    run(&bin("ring3"), &all)
+}
+
+/// A ring3d running on a config; SIGTERM and a check that it stopped cleanly on drop.
+struct Daemon {
+    child: Option<Child>,
+    socket: PathBuf,
+    address: String,
+}
+
+impl Daemon {
+    fn start(name: &str, extra_daemon: &str, device: &str, env: &[(&str, &str)]) -> Daemon {
+        let dir = scratch(name);
+        let socket = dir.join("ring3d.sock");
+        let address = nvme_address();
+        let config = format!(
+            "[daemon]\nsocket = \"{}\"\ndriver_user = \"nobody\"\n{extra_daemon}\n\
+             [[device]]\nname = \"nvme0\"\npci = \"{address}\"\ndriver = \"nvme\"\n{device}\n",
+            socket.display()
+        );
+        let path = dir.join("ring3d.toml");
+        fs::write(&path, config).expect("writing the config");
+        let mut command = Command::new(bin("ring3d"));
+        command
+            .args(["--config", &path.to_string_lossy()])
+            .stdin(Stdio::null());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("starting ring3d");
+        Daemon {
+            child: Some(child),
+            socket,
+            address,
+        }
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        let output = ring3(&self.socket, &["status", "--json"]);
+        if !output.status.success() {
+            return None;
+        }
+        let value: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        value.as_array()?.first().cloned()
+    }
+
+    /// Waits until the device's state is `state` and returns its status.
+    fn wait_for(&mut self, state: &str, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("ring3d exited ({status}) while waiting for {state}");
+                }
+            }
+            if let Some(status) = self.status() {
+                if status["state"] == state {
+                    return status;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the device did not become {state} within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    fn running(&mut self) -> (u32, Vec<String>) {
+        self.running_other_than(0)
+    }
+
+    /// Waits for a running driver whose pid is not `old`.
+    fn running_other_than(&mut self, old: u32) -> (u32, Vec<String>) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            let status = self.wait_for("running", Duration::from_secs(120));
+            if status["pid"].as_u64() != Some(u64::from(old)) {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "driver {old} was not replaced");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let pid = status["pid"].as_u64().expect("a running driver has a pid") as u32;
+        let exposed = status["exposed"]
+            .as_array()
+            .expect("exposed devices")
+            .iter()
+            .map(|v| v.as_str().expect("a path").to_string())
+            .collect::<Vec<_>>();
+        for path in &exposed {
+            wait_for_path(Path::new(path));
+        }
+        (pid, exposed)
+    }
+
+    /// SIGTERM, then checks ring3d exits 0 and the device left vfio-pci.
+    fn stop(mut self) {
+        let mut child = self.child.take().expect("ring3d still running");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = wait_child(&mut child, Duration::from_secs(120));
+        assert!(
+            status.success(),
+            "ring3d exited with {status} after SIGTERM"
+        );
+        assert_ne!(
+            driver_of(&self.address).as_deref(),
+            Some("vfio-pci"),
+            "ring3d gave the controller back"
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = wait_child(&mut child, Duration::from_secs(60));
+        }
+    }
+}
+
+fn wait_child(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for ring3d") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("ring3d did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_for_path(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn kill(pid: u32, signal: i32) {
+    // SAFETY: kill(2) with a pid read from ring3 status.
+    let rc = unsafe { libc::kill(pid as i32, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal})");
+}
+
+const SMALL: &str = "[device.nvme]\nqueues = 2\nqueue_depth = 32\n";
+
+#[test]
+#[ignore = "needs the lab VM: cargo xtask test"]
+fn lab_ring3d_bad_configs_are_refused_and_touch_no_device() {
+    let address = nvme_address();
+    let before = driver_of(&address);
+    let dir = scratch("bad-configs");
+    let cases: [(&str, String, &str); 6] = [
+        (
+            "unknown key",
+            format!("[[device]]\nname = \"a\"\npci = \"{address}\"\ndriver = \"nvme\"\nspeed = 3\n"),
+            "bad.toml:5:1: ",
+        ),
+        (
+            "malformed address",
+            "[[device]]\nname = \"a\"\npci = \"00:03\"\ndriver = \"nvme\"\n".into(),
+            "bad.toml:3:7: ",
+        ),
+        (
+            "queue depth out of range",
+            format!(
+                "[[device]]\nname = \"a\"\npci = \"{address}\"\ndriver = \"nvme\"\n[device.nvme]\nqueue_depth = 5000\n"
+            ),
+            "queue_depth 5000 is out of range (2 to 4096)",
+        ),
+        (
+            "driver as root",
+            format!(
+                "[daemon]\ndriver_user = \"root\"\n[[device]]\nname = \"a\"\npci = \"{address}\"\ndriver = \"nvme\"\n"
+            ),
+            "bad.toml:2:15: ",
+        ),
+        (
+            "no such device",
+            "[[device]]\nname = \"a\"\npci = \"0000:00:1f.7\"\ndriver = \"nvme\"\n".into(),
+            "0000:00:1f.7",
+        ),
+        (
+            "not an NVMe controller",
+            "[[device]]\nname = \"a\"\nmatch = \"1234:11e8\"\ndriver = \"nvme\"\n".into(),
+            "bad.toml:3:",
+        ),
+    ];
+    for (what, text, expected) in cases {
+        let path = dir.join("bad.toml");
+        fs::write(&path, &text).expect("writing the config");
+        let output = Command::new(bin("ring3d"))
+            .current_dir(&dir)
+            .args(["--config", "bad.toml"])
+            .output()
+            .expect("running ring3d");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        eprintln!("{what}:\n{stderr}");
+        assert_eq!(output.status.code(), Some(1), "{what}: ring3d refused");
+        assert!(
+            stderr.contains(expected),
+            "{what}: {expected:?} in {stderr}"
+        );
+        assert!(stderr.contains("nothing was changed"), "{what}: {stderr}");
+        assert_eq!(
+            driver_of(&address),
+            before,
+            "{what}: the controller was not touched"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs the lab VM: cargo xtask test"]
+fn lab_ring3d_ext4_on_ublk_keeps_files_across_a_remount() {
+    let mut daemon = Daemon::start("ext4", "", SMALL, &[]);
+    let (_, exposed) = daemon.running();
+    assert_eq!(
+        exposed.len(),
+        2,
+        "one ublk device per namespace: {exposed:?}"
+    );
+    for device in &exposed {
+        let mount = scratch(&format!("mnt-{}", device.replace('/', "_")));
+        assert!(run("mkfs.ext4", &["-q", "-F", device]).status.success());
+        assert!(run("mount", &[device, &mount.to_string_lossy()])
+            .status
+            .success());
+        let mut sums = Vec::new();
+        for (i, size) in [1usize, 4096, 100_000, 3 << 20].into_iter().enumerate() {
+            let data: Vec<u8> = (0..size)
+                .map(|j| (j * 31 + i * 7 + j / 4096) as u8)
+                .collect();
+            let path = mount.join(format!("file{i}"));
+            let mut file = fs::File::create(&path).expect("creating a file");
+            file.write_all(&data).expect("writing a file");
+            file.sync_all().expect("syncing a file");
+            sums.push((path, data));
+        }
+        // cp works as on any disk.
+        assert!(run(
+            "cp",
+            &[
+                &mount.join("file3").to_string_lossy(),
+                &mount.join("copy").to_string_lossy()
+            ]
+        )
+        .status
+        .success());
+        assert!(run("umount", &[&mount.to_string_lossy()]).status.success());
+        assert!(run("mount", &[device, &mount.to_string_lossy()])
+            .status
+            .success());
+        for (path, data) in &sums {
+            assert_eq!(
+                &fs::read(path).expect("reading back"),
+                data,
+                "{}",
+                path.display()
+            );
+        }
+        assert_eq!(fs::read(mount.join("copy")).expect("the copy"), sums[3].1);
+        assert!(run("umount", &[&mount.to_string_lossy()]).status.success());
+        assert!(
+            run("fsck.ext4", &["-n", "-f", device]).status.success(),
+            "fsck is clean"
+        );
+    }
+    let status = daemon.status().expect("status");
+    assert!(status["io"]["writes"].as_u64().unwrap_or(0) > 0, "{status}");
+    assert_eq!(status["io"]["errors"], 0, "{status}");
+    daemon.stop();
+}
+
+fn fio_verify(device: &str, seed: u32) -> Output {
+    run(
+        "fio",
+        &[
+            "--name=chaos",
+            &format!("--filename={device}"),
+            "--ioengine=libaio",
+            "--direct=1",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=16M",
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            &format!("--randseed={seed}"),
+            "--output-format=json",
+        ],
+    )
+}
+
+fn fio_errors(output: &Output) -> (u64, u64) {
+    let value: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("fio printed JSON");
+    let job = &value["jobs"][0];
+    (
+        job["error"].as_u64().unwrap_or(u64::MAX),
+        job["write"]["total_ios"].as_u64().unwrap_or(0),
+    )
+}
+
+#[test]
+#[ignore = "needs the lab VM: cargo xtask test"]
+fn lab_ring3d_fio_verify_survives_twenty_driver_kills_and_a_hang() {
+    let mut daemon = Daemon::start(
+        "chaos",
+        "heartbeat_ms = 100\nheartbeat_timeout_ms = 2000\nrestart_budget = { restarts = 1000, window_s = 3600 }\n",
+        SMALL,
+        &[],
+    );
+    let (_, exposed) = daemon.running();
+    let device = exposed[0].clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fio = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut runs = Vec::new();
+            let mut seed = 1;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let output = fio_verify(&device, seed);
+                runs.push((output.status.success(), fio_errors(&output)));
+                seed += 1;
+            }
+            runs
+        })
+    };
+    let mut rng_state = 0x2545_f491_u64;
+    let mut kills = 0;
+    let mut last_pid = 0;
+    while kills < 20 {
+        let (pid, _) = daemon.running_other_than(last_pid);
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        std::thread::sleep(Duration::from_millis(200 + rng_state % 1300));
+        kill(pid, libc::SIGKILL);
+        last_pid = pid;
+        kills += 1;
+    }
+    // A hung driver: stopped, so it neither exits nor sends heartbeats.
+    let (pid, _) = daemon.running_other_than(last_pid);
+    kill(pid, libc::SIGSTOP);
+    daemon.running_other_than(pid);
+    let status = daemon.status().expect("status");
+    assert!(
+        status["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no heartbeat"),
+        "the hang is the reason: {status}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let runs = fio.join().expect("the fio thread");
+    assert!(!runs.is_empty());
+    for (i, (ok, (error, ios))) in runs.iter().enumerate() {
+        assert!(ok, "fio run {i} failed");
+        assert_eq!(*error, 0, "fio run {i} reported an error");
+        assert!(*ios > 0, "fio run {i} did I/O");
+    }
+    let status = daemon.status().expect("status");
+    assert!(
+        status["restarts"].as_u64().unwrap_or(0) >= 21,
+        "ring3 status counts the restarts: {status}"
+    );
+    daemon.stop();
+}
+
+fn proc_status_field(pid: u32, field: &str) -> String {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc/PID/status");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+#[ignore = "needs the lab VM: cargo xtask test"]
+fn lab_ring3d_driver_runs_unprivileged_in_a_seccomp_sandbox() {
+    let mut daemon = Daemon::start("sandbox", "", SMALL, &[]);
+    let (pid, _) = daemon.running();
+    let ids = |field: &str| -> Vec<String> {
+        proc_status_field(pid, field)
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(ids("Uid"), ["65534"; 4], "the driver runs as nobody");
+    assert_eq!(ids("Gid"), ["65534"; 4]);
+    assert_eq!(proc_status_field(pid, "Groups"), "");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(proc_status_field(pid, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(proc_status_field(pid, "NoNewPrivs"), "1");
+    assert_eq!(
+        proc_status_field(pid, "Seccomp"),
+        "2",
+        "a seccomp filter is on"
+    );
+    // The same sandbox, entered by the check command, refuses what a driver never needs.
+    let output = run(&bin("ring3d"), &["sandbox-check", "--user", "nobody"]);
+    assert!(output.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    eprintln!("{report:#}");
+    let text = report.to_string();
+    assert!(
+        text.contains("EPERM") || text.contains("Operation not permitted"),
+        "{text}"
+    );
+    daemon.stop();
+}
+
+#[test]
+#[ignore = "needs the lab VM: cargo xtask test"]
+fn lab_ring3d_gives_up_on_a_driver_that_crashes_on_start() {
+    let mut daemon = Daemon::start(
+        "budget",
+        "restart_budget = { restarts = 2, window_s = 600 }\n",
+        SMALL,
+        &[("RING3_DRIVER_FAULT", "abort-on-start")],
+    );
+    let status = daemon.wait_for("failed", Duration::from_secs(120));
+    assert_eq!(status["restarts"], 2, "{status}");
+    let reason = status["reason"].as_str().expect("a reason");
+    assert!(reason.contains("gave up after 2 restarts"), "{reason}");
+    assert!(reason.contains("SIGABRT"), "the crash is named: {reason}");
+    // ring3 status prints it for people too.
+    let table = ring3(&daemon.socket, &["status"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("gave up"));
+    // ring3 stop gives the device back.
+    let stopped = ring3(&daemon.socket, &["stop", "nvme0"]);
+    assert!(stopped.status.success());
+    assert_ne!(driver_of(&daemon.address).as_deref(), Some("vfio-pci"));
+    daemon.stop();
+}
