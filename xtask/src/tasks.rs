@@ -34,7 +34,7 @@ pub fn test_lab_options(timeout: Option<Duration>) -> LabOptions {
         devices: vec![LabDevice::Edu, LabDevice::VirtioNet, LabDevice::Nvme],
         qemu_args,
         timeout,
-        extra_modules: vec!["ublk_drv".into()],
+        extra_modules: vec!["ublk_drv".into(), "ext4".into()],
         ..LabOptions::default()
     }
 }
@@ -85,6 +85,7 @@ pub(crate) fn run_checked(mut command: Command, what: &str) -> Result<()> {
 /// Runs every test: format check, clippy, the host's unit tests, then the lab tests in one VM.
 pub fn test(args: TestArgs) -> Result<i32> {
     let started = Instant::now();
+    lab::host::ensure_build_packages()?;
     if !args.lab_only {
         if !args.no_lint {
             step("cargo fmt --check");
@@ -183,6 +184,7 @@ fn lab_tests(filter: &str, timeout: Duration) -> Result<i32> {
 
 /// Boots the lab and runs the edu driver through VFIO, printing each step.
 pub fn demo() -> Result<i32> {
+    lab::host::ensure_build_packages()?;
     step("building ring3");
     let mut build = cargo();
     build.args(["build", "--package", "ring3-cli"]);
