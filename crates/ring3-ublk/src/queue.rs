@@ -229,6 +229,15 @@ impl Drop for Descriptors {
 
 /// One hardware queue of a ublk device, served by one thread.
 ///
+/// # Dropping
+///
+/// Dropping a `Queue` closes its io_uring, which makes ublk_drv cancel the queue's
+/// outstanding commands (and, if the device is live, quiesce or fail it: that is how a
+/// server's death looks to the kernel), unmaps the descriptors (kernel pages; only this
+/// process's view goes) and drops its reference to the char device. It frees nothing
+/// the kernel writes to: the tag buffers belong to the caller, who frees them after the
+/// queue (the contract of [`Queue::fetch`]).
+///
 /// # Example
 ///
 /// ```no_run

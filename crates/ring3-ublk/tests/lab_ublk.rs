@@ -279,3 +279,67 @@ fn lab_ublk_recovery_reissues_io_issued_while_no_server_runs() {
     std::fs::remove_file(&source).ok();
     std::fs::remove_file(&backing).ok();
 }
+
+#[test]
+#[ignore = "needs the lab VM: cargo xtask test"]
+fn lab_ublk_start_without_queues_times_out_and_is_cancelled() {
+    use ring3_ublk::{Control, DeviceSpec, DeviceState, Error, Params};
+
+    in_lab();
+    let control = Control::open().expect("opening /dev/ublk-control");
+    assert!(
+        matches!(control.info(4000), Err(Error::NoSuchDevice { id: 4000 })),
+        "an unknown device ID"
+    );
+    let info = control
+        .add(&DeviceSpec {
+            id: None,
+            queues: 1,
+            depth: 4,
+            max_io_bytes: 64 << 10,
+            recovery: false,
+        })
+        .expect("adding a device");
+    control
+        .set_params(
+            info.id,
+            &Params {
+                size_bytes: 1 << 20,
+                logical_block: 512,
+                physical_block: 512,
+                max_io_bytes: info.max_io_bytes,
+                volatile_cache: false,
+                fua: false,
+                discard: None,
+                write_zeroes_max_bytes: 0,
+            },
+        )
+        .expect("setting the parameters");
+    let cdev = control
+        .open_char_device(info.id, Duration::from_secs(10))
+        .expect("opening the char device");
+
+    // No queue fetches, so START_DEV waits until it is cancelled.
+    let started = Instant::now();
+    let error = control
+        .start(info.id, std::process::id() as i32, Duration::from_secs(2))
+        .expect_err("START_DEV without queues");
+    eprintln!("{error}");
+    assert!(matches!(error, Error::CommandTimeout { .. }), "{error:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the cancel was not prompt"
+    );
+    assert_eq!(
+        control.info(info.id).expect("GET_DEV_INFO").state,
+        DeviceState::Dead
+    );
+
+    // DEL_DEV waits for the last reference: a START_DEV stuck in the kernel would hold one.
+    drop(cdev);
+    control.delete(info.id).expect("deleting the device");
+    assert!(matches!(
+        control.info(info.id),
+        Err(Error::NoSuchDevice { .. })
+    ));
+}
