@@ -221,6 +221,9 @@ impl Sandbox {
             });
         }
         set_memlock(self.memlock_bytes)?;
+        // rustix reads the auxiliary vector (page size, clock ticks) from
+        // /proc/self/auxv the first time it needs it; afterwards that file is out of reach.
+        let _ = rustix::param::page_size();
 
         // The bounding set can only be emptied while CAP_SETPCAP is still effective.
         step("clearing the ambient capabilities", sys::clear_ambient())?;
