@@ -5,12 +5,15 @@
 //! anything; every report says so.
 
 mod capture;
+mod host;
 mod hostload;
 pub mod nvme;
+mod outcome;
 mod plot;
 mod report;
 mod results;
 mod script;
+pub mod ublk;
 mod workload;
 
 use anyhow::Result;
@@ -23,6 +26,11 @@ pub enum BenchCommand {
     /// emulated controller in one lab VM; writes nvme.md, nvme.json and
     /// nvme-iops-vs-qd.svg to bench/results.
     Nvme(nvme::NvmeArgs),
+    /// ring3's NVMe driver run by ring3d and exposed as a ublk block device, against the
+    /// kernel's `nvme` driver (fio with io_uring on both) and against ring3's own API (the
+    /// cost of the ublk hop), and how fast the device comes back after its driver process
+    /// is killed; one lab VM; writes ublk.md and ublk.json to bench/results.
+    Ublk(ublk::UblkArgs),
 }
 
 impl BenchCommand {
@@ -30,6 +38,15 @@ impl BenchCommand {
     pub fn run(self) -> Result<i32> {
         match self {
             BenchCommand::Nvme(args) => nvme::run(args),
+            BenchCommand::Ublk(args) => ublk::run(args),
         }
     }
+}
+
+/// A bench's options parsed from `line`, as after `cargo xtask bench NAME`.
+#[cfg(test)]
+fn parse_args<A: clap::Args + clap::FromArgMatches>(line: &[&str]) -> Result<A, clap::Error> {
+    let command = A::augment_args(clap::Command::new("bench"));
+    let matches = command.try_get_matches_from(std::iter::once(&"bench").chain(line))?;
+    A::from_arg_matches(&matches)
 }

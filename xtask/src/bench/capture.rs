@@ -33,6 +33,20 @@ pub struct Block {
     pub complete: bool,
 }
 
+#[cfg(test)]
+impl Block {
+    /// A complete block, as the guest sends it.
+    pub(crate) fn finished(source: &str, id: &str, status: i32, text: &str) -> Block {
+        Block {
+            source: source.into(),
+            id: id.into(),
+            status,
+            text: text.into(),
+            complete: true,
+        }
+    }
+}
+
 /// Called with each block once it is complete, and the terminal to report on.
 pub type OnBlock = Box<dyn FnMut(&Block, &mut dyn Write) + Send>;
 

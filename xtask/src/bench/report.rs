@@ -33,7 +33,7 @@ impl Outcome {
         }
     }
 
-    fn to_json(&self) -> Value {
+    pub(super) fn to_json(&self) -> Value {
         match self {
             Outcome::Measured { measurement, raw } => json!({
                 "status": "measured",
@@ -45,7 +45,7 @@ impl Outcome {
         }
     }
 
-    fn short(&self) -> &'static str {
+    pub(super) fn short(&self) -> &'static str {
         match self {
             Outcome::Measured { .. } => "",
             Outcome::Failed { .. } => "failed",
@@ -111,7 +111,7 @@ pub struct Environment {
 }
 
 impl Environment {
-    fn guest(&self, key: &str) -> Option<&str> {
+    pub(super) fn guest(&self, key: &str) -> Option<&str> {
         self.guest
             .iter()
             .find(|(k, _)| k == key)
@@ -176,7 +176,7 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 /// `12,345`.
-fn thousands(value: f64) -> String {
+pub(super) fn thousands(value: f64) -> String {
     let digits = format!("{:.0}", value.max(0.0));
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
@@ -189,7 +189,7 @@ fn thousands(value: f64) -> String {
 }
 
 /// Microseconds with sensible precision.
-fn micros(value: f64) -> String {
+pub(super) fn micros(value: f64) -> String {
     if value < 10.0 {
         format!("{value:.2}")
     } else if value < 100.0 {
@@ -199,7 +199,7 @@ fn micros(value: f64) -> String {
     }
 }
 
-fn mib(bytes: u64) -> String {
+pub(super) fn mib(bytes: u64) -> String {
     if bytes % (1 << 30) == 0 {
         format!("{} GiB", bytes >> 30)
     } else {
@@ -207,61 +207,159 @@ fn mib(bytes: u64) -> String {
     }
 }
 
-fn cell(outcome: &Outcome, value: impl Fn(&Measurement) -> String) -> String {
+pub(super) fn cell(outcome: &Outcome, value: impl Fn(&Measurement) -> String) -> String {
     match outcome.measurement() {
         Some(m) => value(m),
         None => outcome.short().to_string(),
     }
 }
 
+/// IOPS and latency of the kernel driver and of `other` (the `ring3` side of each row),
+/// and their ratio, one row per workload; latencies failing the Little's-law check are
+/// marked.
+pub(super) fn comparison_table(rows: &[Row], other: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| workload | kernel IOPS | {other} IOPS | {other} / kernel | kernel p50 µs | kernel p99 µs | {other} p50 µs | {other} p99 µs |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let flagged = std::cell::Cell::new(false);
+    for row in rows {
+        let depth = row.workload.queue_depth;
+        let latency = |m: &Measurement, value: f64| {
+            if implausible_latency(depth, m).is_some() {
+                flagged.set(true);
+                format!("{} †", micros(value))
+            } else {
+                micros(value)
+            }
+        };
+        let ratio = row
+            .ratio()
+            .map(|r| format!("{r:.2}×"))
+            .unwrap_or_else(|| "—".to_string());
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.workload.describe(),
+            cell(&row.kernel, |m| thousands(m.iops)),
+            cell(&row.ring3, |m| thousands(m.iops)),
+            ratio,
+            cell(&row.kernel, |m| latency(m, m.latency_us.p50)),
+            cell(&row.kernel, |m| latency(m, m.latency_us.p99)),
+            cell(&row.ring3, |m| latency(m, m.latency_us.p50)),
+            cell(&row.ring3, |m| latency(m, m.latency_us.p99)),
+        );
+    }
+    if flagged.get() {
+        let _ = writeln!(
+            s,
+            "\n† fails the Little's-law check (mean latency × IOPS should be about the \
+             queue depth), so this latency cannot be right; see the notes."
+        );
+    }
+    s
+}
+
+/// A report's title and the line saying when and from which commit it was measured.
+pub(super) fn heading(title: &str, bench: &str, env: &Environment) -> String {
+    format!(
+        "# {title}\n\nMeasured {} with `cargo xtask bench {bench}`{}.\n\n",
+        env.date,
+        env.commit
+            .as_deref()
+            .map(|c| format!(" at commit `{c}`"))
+            .unwrap_or_default()
+    )
+}
+
+/// The notes (when there are any), then the start of "How it was measured": the host,
+/// the VM and the host's load while the VM ran.
+pub(super) fn notes_and_setup(notes: &[String], env: &Environment, set: &Settings) -> String {
+    let unknown = "unknown";
+    let mut s = String::new();
+    if !notes.is_empty() {
+        let _ = writeln!(s, "## Notes\n");
+        for note in notes {
+            let _ = writeln!(s, "- {note}");
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(s, "## How it was measured\n");
+    let _ = writeln!(
+        s,
+        "- Host: {}, {} CPUs, Linux {}.",
+        env.host_cpu.as_deref().unwrap_or(unknown),
+        env.host_cpus,
+        env.host_kernel.as_deref().unwrap_or(unknown)
+    );
+    let _ = writeln!(
+        s,
+        "- VM: {}, `-machine q35,accel=tcg -cpu max -smp {} -m {}M`, `intel-iommu` with \
+         interrupt remapping; one NVMe controller (`max_ioqpairs={}`) with one namespace of \
+         {} and {}-byte blocks, on a sparse raw image on the host.",
+        env.qemu.as_deref().unwrap_or("QEMU (version unknown)"),
+        set.guest_cpus,
+        set.guest_memory_mib,
+        set.nvme_max_io_queue_pairs,
+        mib(set.namespace_bytes),
+        set.block_size
+    );
+    let _ = writeln!(
+        s,
+        "- Host load while the VM ran: {}.",
+        match &env.host_load {
+            Some(load) => format!(
+                "other processes used {:.1}% of the host's CPU time, steal {:.1}%",
+                load.others_percent, load.steal_percent
+            ),
+            None => "not measured".to_string(),
+        }
+    );
+    s
+}
+
+/// The environment and settings as JSON, under the keys every bench's JSON shares.
+pub(super) fn environment_json(benchmark: &str, env: &Environment, set: &Settings) -> Value {
+    let guest: serde_json::Map<String, Value> = env
+        .guest
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    json!({
+        "benchmark": benchmark,
+        "date": env.date,
+        "commit": env.commit,
+        "note": "QEMU TCG lab: absolute numbers are meaningless; compare the drivers' ratios",
+        "host": {
+            "cpu": env.host_cpu,
+            "cpus": env.host_cpus,
+            "kernel": env.host_kernel,
+            "qemu": env.qemu,
+            "others_cpu_percent": env.host_load.map(|l| l.others_percent),
+            "steal_cpu_percent": env.host_load.map(|l| l.steal_percent),
+        },
+        "guest": guest,
+        "settings": {
+            "duration_s": set.duration_s,
+            "region_bytes": set.region_bytes,
+            "namespace_bytes": set.namespace_bytes,
+            "block_size": set.block_size,
+            "guest_cpus": set.guest_cpus,
+            "guest_memory_mib": set.guest_memory_mib,
+            "nvme_poll_queues": set.nvme_poll_queues,
+            "nvme_max_io_queue_pairs": set.nvme_max_io_queue_pairs,
+        },
+    })
+}
+
 impl Report {
     /// The main table: IOPS and latency of both drivers, and their ratio.
     pub fn summary_table(&self) -> String {
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "| workload | kernel IOPS | ring3 IOPS | ring3 / kernel | kernel p50 µs | kernel p99 µs | ring3 p50 µs | ring3 p99 µs |"
-        );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
-        let flagged = std::cell::Cell::new(false);
-        for row in &self.rows {
-            let depth = row.workload.queue_depth;
-            let latency = |m: &Measurement, value: f64| {
-                if implausible_latency(depth, m).is_some() {
-                    flagged.set(true);
-                    format!("{} †", micros(value))
-                } else {
-                    micros(value)
-                }
-            };
-            let ratio = row
-                .ratio()
-                .map(|r| format!("{r:.2}×"))
-                .unwrap_or_else(|| "—".to_string());
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
-                row.workload.describe(),
-                cell(&row.kernel, |m| thousands(m.iops)),
-                cell(&row.ring3, |m| thousands(m.iops)),
-                ratio,
-                cell(&row.kernel, |m| latency(m, m.latency_us.p50)),
-                cell(&row.kernel, |m| latency(m, m.latency_us.p99)),
-                cell(&row.ring3, |m| latency(m, m.latency_us.p50)),
-                cell(&row.ring3, |m| latency(m, m.latency_us.p99)),
-            );
-        }
-        if flagged.get() {
-            let _ = writeln!(
-                s,
-                "\n† fails the Little's-law check (mean latency × IOPS should be about the \
-                 queue depth), so this latency cannot be right; see the notes."
-            );
-        }
-        s
+        comparison_table(&self.rows, "ring3")
     }
 
-    /// The Markdown report.
     /// The measurement of 4 KiB random reads at `depth` with `completion`, for one driver.
     fn randread(&self, depth: u32, completion: Completion, ring3: bool) -> Option<&Measurement> {
         let row = self.rows.iter().find(|row| {
@@ -394,16 +492,11 @@ impl Report {
         let env = &self.environment;
         let set = &self.settings;
         let mut s = String::new();
-        let _ = writeln!(s, "# NVMe: ring3 against the Linux kernel driver\n");
-        let _ = writeln!(
-            s,
-            "Measured {} with `cargo xtask bench nvme`{}.\n",
-            env.date,
-            env.commit
-                .as_deref()
-                .map(|c| format!(" at commit `{c}`"))
-                .unwrap_or_default()
-        );
+        s.push_str(&heading(
+            "NVMe: ring3 against the Linux kernel driver",
+            "nvme",
+            env,
+        ));
         let _ = writeln!(
             s,
             "> **Only the ratios mean anything.** The lab emulates the whole machine with QEMU's \
@@ -449,46 +542,8 @@ impl Report {
 
         s.push_str(&self.analysis());
 
-        if !self.notes.is_empty() {
-            let _ = writeln!(s, "## Notes\n");
-            for note in &self.notes {
-                let _ = writeln!(s, "- {note}");
-            }
-            s.push('\n');
-        }
-
+        s.push_str(&notes_and_setup(&self.notes, env, set));
         let unknown = "unknown";
-        let _ = writeln!(s, "## How it was measured\n");
-        let _ = writeln!(
-            s,
-            "- Host: {}, {} CPUs, Linux {}.",
-            env.host_cpu.as_deref().unwrap_or(unknown),
-            env.host_cpus,
-            env.host_kernel.as_deref().unwrap_or(unknown)
-        );
-        let _ = writeln!(
-            s,
-            "- VM: {}, `-machine q35,accel=tcg -cpu max -smp {} -m {}M`, `intel-iommu` with \
-             interrupt remapping; one NVMe controller (`max_ioqpairs={}`) with one namespace of \
-             {} and {}-byte blocks, on a sparse raw image on the host.",
-            env.qemu.as_deref().unwrap_or("QEMU (version unknown)"),
-            set.guest_cpus,
-            set.guest_memory_mib,
-            set.nvme_max_io_queue_pairs,
-            mib(set.namespace_bytes),
-            set.block_size
-        );
-        let _ = writeln!(
-            s,
-            "- Host load while the VM ran: {}.",
-            match &env.host_load {
-                Some(load) => format!(
-                    "other processes used {:.1}% of the host's CPU time, steal {:.1}%",
-                    load.others_percent, load.steal_percent
-                ),
-                None => "not measured".to_string(),
-            }
-        );
         let _ = writeln!(
             s,
             "- Guest: Linux {}, booted once. Each workload ran on both drivers back to back, \
@@ -528,53 +583,28 @@ impl Report {
 
     /// All numbers, raw tool output included.
     pub fn json(&self) -> Value {
-        let env = &self.environment;
-        let set = &self.settings;
-        let guest: serde_json::Map<String, Value> = env
-            .guest
+        let mut value = environment_json("nvme", &self.environment, &self.settings);
+        value["fill"] = self.fill.to_json();
+        value["workloads"] = self
+            .rows
             .iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .map(|row| {
+                json!({
+                    "id": row.workload.id(),
+                    "description": row.workload.describe(),
+                    "pattern": row.workload.pattern.name(),
+                    "block_size": row.workload.block_size,
+                    "queue_depth": row.workload.queue_depth,
+                    "completion": row.workload.completion.name(),
+                    "ring3_over_kernel_iops": row.ratio(),
+                    "kernel": row.kernel.to_json(),
+                    "ring3": row.ring3.to_json(),
+                })
+            })
             .collect();
-        json!({
-            "benchmark": "nvme",
-            "date": env.date,
-            "commit": env.commit,
-            "note": "QEMU TCG lab: absolute numbers are meaningless; compare the drivers' ratios",
-            "host": {
-                "cpu": env.host_cpu,
-                "cpus": env.host_cpus,
-                "kernel": env.host_kernel,
-                "qemu": env.qemu,
-                "others_cpu_percent": env.host_load.map(|l| l.others_percent),
-                "steal_cpu_percent": env.host_load.map(|l| l.steal_percent),
-            },
-            "guest": guest,
-            "settings": {
-                "duration_s": set.duration_s,
-                "region_bytes": set.region_bytes,
-                "namespace_bytes": set.namespace_bytes,
-                "block_size": set.block_size,
-                "guest_cpus": set.guest_cpus,
-                "guest_memory_mib": set.guest_memory_mib,
-                "nvme_poll_queues": set.nvme_poll_queues,
-                "nvme_max_io_queue_pairs": set.nvme_max_io_queue_pairs,
-            },
-            "fill": self.fill.to_json(),
-            "workloads": self.rows.iter().map(|row| json!({
-                "id": row.workload.id(),
-                "description": row.workload.describe(),
-                "pattern": row.workload.pattern.name(),
-                "block_size": row.workload.block_size,
-                "queue_depth": row.workload.queue_depth,
-                "completion": row.workload.completion.name(),
-                "ring3_over_kernel_iops": row.ratio(),
-                "kernel": row.kernel.to_json(),
-                "ring3": row.ring3.to_json(),
-            })).collect::<Vec<_>>(),
-            "notes": self.notes,
-        })
+        value["notes"] = json!(self.notes);
+        value
     }
-
     /// The IOPS-against-queue-depth chart of the 4 KiB random reads.
     pub fn chart(&self) -> String {
         let line = |label: &str, color, completion, pick: fn(&Row) -> &Outcome| Series {
