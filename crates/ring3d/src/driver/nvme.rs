@@ -347,7 +347,7 @@ pub fn plan_request(
 ) -> Planned {
     let invalid = Planned::Complete(-libc::EINVAL);
     let shift = u32::from(block_shift);
-    if shift < SECTOR_SHIFT || shift > 16 {
+    if !(SECTOR_SHIFT..=16).contains(&shift) {
         return Planned::Complete(-libc::EIO);
     }
     let per_block = shift - SECTOR_SHIFT;
@@ -580,7 +580,7 @@ fn start(
     counters: &Counters,
 ) -> Result<(), String> {
     let device = &mut devices[index];
-    let Some((request, _)) = device.requests[usize::from(tag)].clone() else {
+    let Some((request, _)) = device.requests[usize::from(tag)] else {
         return Ok(());
     };
     let user_tag = ((index as u64) << 16) | u64::from(tag);
