@@ -729,7 +729,7 @@ mod tests {
             plan_request(
                 &request(Op::Read, u64::MAX - 7, 8),
                 12,
-                u64::MAX,
+                u64::MAX >> 3,
                 1 << 20,
                 true
             ),
