@@ -107,15 +107,15 @@ fn missing_file_exits_1() {
 }
 
 #[test]
-fn running_the_daemon_says_it_is_not_implemented_and_exits_2() {
-    let output = ring3d(&["--config", EXAMPLE]);
-    assert_eq!(output.status.code(), Some(2));
+fn the_daemon_refuses_to_start_when_its_devices_are_not_there() {
+    let empty = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(empty.path().join("bus/pci/devices")).unwrap();
+    let sysfs = empty.path().to_string_lossy().into_owned();
+    let output = ring3d(&["--config", EXAMPLE, "--sysfs", &sysfs]);
+    assert_eq!(output.status.code(), Some(1));
     let stderr = text(&output.stderr);
-    assert!(
-        stderr.contains("the daemon is not implemented yet"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("--check"), "{stderr}");
+    assert!(stderr.contains("0000:03:00.0"), "{stderr}");
+    assert!(stderr.contains("nothing was changed"), "{stderr}");
     assert!(output.stdout.is_empty());
 }
 
