@@ -319,8 +319,12 @@ impl Queue {
         // One command per tag at most is queued or outstanding, so `depth` submission
         // entries never overflow (and the default completion queue is twice that). Normal
         // 64-byte SQEs do: the 16-byte ublksrv_io_cmd fits their command area.
+        // Cooperative task running with the flag: the kernel queues request hand-overs
+        // as task work and says so in the ring, so a busy thread only needs a system
+        // call when there is something to send or to collect.
         let ring = IoUring::<squeue::Entry, cqueue::Entry>::builder()
             .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .build(depth.into())
             .map_err(|source| Error::Ring {
                 operation: "setup (queue ring)",
@@ -568,6 +572,15 @@ impl Queue {
 
     /// Submits, and waits up to `wait` for a completion.
     fn enter(&mut self, wait: Option<Duration>) -> Result<()> {
+        if wait.is_none() {
+            let mut sq = self.ring.0.submission();
+            sq.sync();
+            if sq.is_empty() && !sq.taskrun() && !sq.cq_overflow() {
+                // Nothing to send and no task work pending: the completion queue is
+                // already all there is to read.
+                return Ok(());
+            }
+        }
         let submitter = self.ring.0.submitter();
         let outcome = match wait {
             Some(wait) => {
@@ -627,6 +640,17 @@ fn push(ring: &mut IoUring<squeue::Entry, cqueue::Entry>, sqe: &squeue::Entry) -
         operation: "push (queue ring full)",
         source: io::Error::from_raw_os_error(libc::EBUSY),
     })
+}
+
+/// The queue's io_uring: readable when the kernel has posted requests, so one thread can
+/// sleep on several queues with `poll(2)` and then [`Queue::poll`] each without waiting.
+impl std::os::fd::AsFd for Queue {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the ring's file descriptor is open for as long as `self.ring` lives,
+        // which the returned borrow cannot outlive.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.ring.0.as_raw_fd()) }
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ring3::vfio::{VfioBackend, VfioFds};
 use ring3::DmaBuffer;
@@ -34,6 +34,9 @@ const RESET_RETRIES: u8 = 3;
 
 /// How long an idle queue thread sleeps in the ublk ring before looking around.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
+
+/// How long a queue thread keeps polling after its last I/O before it sleeps.
+const SPIN: Duration = Duration::from_micros(200);
 
 /// The ublk sector: request offsets and lengths are in 512-byte units.
 const SECTOR_SHIFT: u32 = 9;
@@ -470,28 +473,27 @@ fn serve_queue(
     // Requests the NVMe queue had no room for, in arrival order.
     let mut waiting: std::collections::VecDeque<(usize, u16)> = Default::default();
     let single = devices.len() == 1;
-    let mut idle_turn = 0usize;
+    let mut last_active = Instant::now();
     loop {
         let busy = nvme.in_flight() > 0 || !waiting.is_empty();
         let live = devices.iter().filter(|d| d.alive).count();
         if live == 0 && !busy {
             break;
         }
-        let count = devices.len();
+        if busy {
+            last_active = Instant::now();
+        }
+        if !busy && !single && last_active.elapsed() > SPIN {
+            // Several devices and nothing in flight: sleep until any of them has work.
+            wait_for_any(&devices)?;
+        }
         for (index, device) in devices.iter_mut().enumerate() {
             if !device.alive {
                 continue;
             }
-            let wait = if busy {
-                None
-            } else if single {
-                Some(IDLE_WAIT)
-            } else if idle_turn % count == index {
-                // Several devices and nothing in flight: take turns sleeping briefly.
-                Some(Duration::from_millis(2))
-            } else {
-                None
-            };
+            // Just after a completion the next request tends to follow at once
+            // (an application at queue depth 1): keep polling a moment before sleeping.
+            let wait = (!busy && single && last_active.elapsed() > SPIN).then_some(IDLE_WAIT);
             device.alive = device
                 .queue
                 .poll(&mut requests, wait)
@@ -505,7 +507,6 @@ fn serve_queue(
                 waiting.push_back((index, tag));
             }
         }
-        idle_turn = idle_turn.wrapping_add(1);
         while let Some(&(index, tag)) = waiting.front() {
             if !nvme.has_room() {
                 break;
@@ -568,6 +569,24 @@ fn serve_queue(
     // Nothing is in flight on either side: the NVMe queue is deleted as it drops.
     drop(nvme);
     Ok(())
+}
+
+/// Sleeps until one of the devices' rings has requests (or [`IDLE_WAIT`] passes).
+fn wait_for_any(devices: &[DeviceQueue]) -> Result<(), String> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds: Vec<PollFd<'_>> = devices
+        .iter()
+        .filter(|d| d.alive)
+        .map(|d| PollFd::new(&d.queue, PollFlags::IN))
+        .collect();
+    let timeout = Timespec {
+        tv_sec: 0,
+        tv_nsec: IDLE_WAIT.as_nanos() as i64,
+    };
+    match poll(&mut fds, Some(&timeout)) {
+        Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+        Err(e) => Err(format!("waiting for requests: {e}")),
+    }
 }
 
 /// Sends the request at (`index`, `tag`) to the NVMe queue, or completes it at once.
