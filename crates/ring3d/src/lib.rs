@@ -1,10 +1,20 @@
-//! `ring3d`, the ring3 driver host — so far, its configuration file.
+//! `ring3d`, the ring3 driver host.
 //!
-//! The daemon will bind the devices named in its config file to vfio-pci, run each
-//! driver in its own unprivileged process, restart it within a budget when it dies, and
-//! expose it as a standard device. This crate holds the first layer of that: reading and
-//! checking the config, and finding its devices on the machine, without touching any of
-//! them. Nothing is bound until the whole config is valid.
+//! It binds the devices named in its config file to vfio-pci, runs each driver in its own
+//! unprivileged process, restarts it within a budget when it dies, and exposes what the
+//! driver serves as a standard device: each NVMe namespace as a ublk block device
+//! (`/dev/ublkbN`) whose requests survive a driver crash (ublk user recovery).
+//!
+//! - [`config`]: reading and checking the config, and finding its devices on the
+//!   machine, without touching any of them. Nothing is bound until the whole config is
+//!   valid.
+//! - [`daemon`] and [`supervisor`]: binding, one supervisor thread per device (start,
+//!   heartbeats, restarts, the restart budget, stop), SIGTERM.
+//! - [`driver`]: the driver process (`ring3d driver`, started by the daemon): sandbox,
+//!   device bring-up, one thread per queue between the ublk and NVMe rings.
+//! - [`ipc`]: the channel between the two, which carries the VFIO and ublk files.
+//! - [`sandbox`]: what a driver process gives up before it reads device data.
+//! - [`control`]: the control socket behind `ring3 status`, `restart` and `stop`.
 //!
 //! ```
 //! use ring3d::Config;

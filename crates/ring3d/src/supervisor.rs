@@ -277,7 +277,18 @@ impl Runner {
                 Ok(mut driver) => {
                     tracing::info!(pid = driver.pid(), "driver running");
                     self.set_state("running", Some(driver.pid()));
-                    match self.watch(&mut driver, requests) {
+                    let watched = loop {
+                        match self.watch(&mut driver, requests) {
+                            Watched::Asked(Request::Stop(reply)) => match self.in_use() {
+                                Some(why) => {
+                                    let _ = reply.send(Err(why));
+                                }
+                                None => break Watched::Asked(Request::Stop(reply)),
+                            },
+                            other => break other,
+                        }
+                    };
+                    match watched {
                         Watched::Died(reason) => reason,
                         Watched::Asked(Request::Restart(reply)) => {
                             let how = driver.kill();
@@ -664,6 +675,48 @@ impl Runner {
             s.exposed.clear();
         });
         result
+    }
+
+    /// Why the exposed block devices cannot be taken away now: one is mounted or held
+    /// by another block device (device mapper, RAID).
+    fn in_use(&self) -> Option<String> {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for exposed in &self.exposed {
+            let name = format!("ublkb{}", exposed.id);
+            let block = std::path::Path::new("/sys/block").join(&name);
+            let Ok(number) = std::fs::read_to_string(block.join("dev")) else {
+                continue;
+            };
+            let number = number.trim();
+            // mountinfo: ID PARENT MAJOR:MINOR ROOT MOUNT-POINT ...
+            if let Some(point) = mounts.lines().find_map(|line| {
+                let mut fields = line.split_whitespace();
+                let device = fields.nth(2)?;
+                let point = fields.nth(1)?;
+                (device == number).then(|| point.to_string())
+            }) {
+                return Some(format!(
+                    "{}: /dev/{name} is mounted on {point}: unmount it first",
+                    self.context.device.name
+                ));
+            }
+            let holders = std::fs::read_dir(block.join("holders"))
+                .map(|entries| {
+                    entries
+                        .filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
+            if !holders.is_empty() {
+                return Some(format!(
+                    "{}: /dev/{name} is held by {}: release it first",
+                    self.context.device.name,
+                    holders.join(", ")
+                ));
+            }
+        }
+        None
     }
 
     fn remove_exposed(&mut self) {

@@ -304,13 +304,13 @@ fn lab_ring3d_bad_configs_are_refused_and_touch_no_device() {
 #[ignore = "needs the lab VM: cargo xtask test"]
 fn lab_ring3d_ext4_on_ublk_keeps_files_across_a_remount() {
     let mut daemon = Daemon::start("ext4", "", SMALL, &[]);
-    let (_, exposed) = daemon.running();
+    let (pid, exposed) = daemon.running();
     assert_eq!(
         exposed.len(),
         2,
         "one ublk device per namespace: {exposed:?}"
     );
-    for device in &exposed {
+    for (n, device) in exposed.iter().enumerate() {
         let mount = scratch(&format!("mnt-{}", device.replace('/', "_")));
         assert!(run("mkfs.ext4", &["-q", "-F", device]).status.success());
         assert!(run("mount", &[device, &mount.to_string_lossy()])
@@ -350,12 +350,53 @@ fn lab_ring3d_ext4_on_ublk_keeps_files_across_a_remount() {
             );
         }
         assert_eq!(fs::read(mount.join("copy")).expect("the copy"), sums[3].1);
+        if n == 0 {
+            // `ring3 restart` while the file system is mounted: a new driver process,
+            // the same block device, the files still there.
+            assert!(ring3(&daemon.socket, &["restart", "nvme0"])
+                .status
+                .success());
+            let (pid, again) = daemon.running_other_than(pid);
+            // `ring3 stop` refuses to pull a mounted block device away.
+            let refused = ring3(&daemon.socket, &["stop", "nvme0"]);
+            assert!(!refused.status.success());
+            assert!(String::from_utf8_lossy(&refused.stderr).contains("is mounted on"));
+            assert_eq!(
+                daemon.status().expect("status")["pid"].as_u64(),
+                Some(u64::from(pid))
+            );
+            assert_eq!(again, exposed, "the same block devices after a restart");
+            assert!(run("sh", &["-c", "echo 3 > /proc/sys/vm/drop_caches"])
+                .status
+                .success());
+            for (path, data) in &sums {
+                assert_eq!(&fs::read(path).expect("reading after the restart"), data);
+            }
+        }
         assert!(run("umount", &[&mount.to_string_lossy()]).status.success());
         assert!(
             run("fsck.ext4", &["-n", "-f", device]).status.success(),
             "fsck is clean"
         );
     }
+    // Discards reach the namespace: deallocated blocks read back as zeroes.
+    let device = &exposed[1];
+    assert!(run("blkdiscard", &[device]).status.success());
+    let head = Command::new("dd")
+        .args([
+            &format!("if={device}"),
+            "bs=1M",
+            "count=4",
+            "iflag=direct",
+            "status=none",
+        ])
+        .output()
+        .expect("running dd");
+    assert_eq!(head.stdout.len(), 4 << 20);
+    assert!(
+        head.stdout.iter().all(|&b| b == 0),
+        "discarded blocks read as zeroes"
+    );
     let status = daemon.status().expect("status");
     assert!(status["io"]["writes"].as_u64().unwrap_or(0) > 0, "{status}");
     assert_eq!(status["io"]["errors"], 0, "{status}");

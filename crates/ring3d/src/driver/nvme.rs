@@ -35,6 +35,10 @@ const RESET_RETRIES: u8 = 3;
 /// How long an idle queue thread sleeps in the ublk ring before looking around.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
+/// How long a queue thread may go without a lap of its loop before the heartbeats stop
+/// (an idle thread comes round every [`IDLE_WAIT`]).
+const STUCK: Duration = Duration::from_millis(500);
+
 /// How long a queue thread keeps polling after its last I/O before it sleeps.
 const SPIN: Duration = Duration::from_micros(200);
 
@@ -169,6 +173,9 @@ pub(super) fn run(channel: &Channel, setup: &Setup, fds: Vec<OwnedFd>) -> Result
     }
 
     let counters = Arc::new(Counters::default());
+    // One lap counter per queue thread: the heartbeat only goes out while every thread
+    // still goes round its loop, so a thread stuck anywhere stops the heartbeats.
+    let laps: Arc<Vec<AtomicU64>> = Arc::new((0..queues).map(|_| AtomicU64::new(0)).collect());
     let failed = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
     let mut threads = Vec::new();
@@ -176,6 +183,7 @@ pub(super) fn run(channel: &Channel, setup: &Setup, fds: Vec<OwnedFd>) -> Result
         let controller = Arc::clone(&controller);
         let served = served.clone();
         let counters = Arc::clone(&counters);
+        let laps = Arc::clone(&laps);
         let ready = ready_tx.clone();
         let failed = Arc::clone(&failed);
         let span = tracing::Span::current();
@@ -183,7 +191,8 @@ pub(super) fn run(channel: &Channel, setup: &Setup, fds: Vec<OwnedFd>) -> Result
             .name(format!("nvme-q{queue_id}"))
             .spawn(move || {
                 let _entered = span.enter();
-                let result = serve_queue(&controller, queue_id, &served, &counters, &ready);
+                let lap = &laps[usize::from(queue_id)];
+                let result = serve_queue(&controller, queue_id, &served, &counters, lap, &ready);
                 if let Err(reason) = &result {
                     failed.store(true, Ordering::Release);
                     // Before ready this reaches the main thread; after, the exit does.
@@ -216,6 +225,10 @@ pub(super) fn run(channel: &Channel, setup: &Setup, fds: Vec<OwnedFd>) -> Result
 
     // The heartbeat: this thread, until every queue thread is done.
     let period = Duration::from_millis(setup.heartbeat_ms.max(1));
+    let mut seen: Vec<(u64, Instant)> = laps
+        .iter()
+        .map(|lap| (lap.load(Ordering::Relaxed), Instant::now()))
+        .collect();
     loop {
         if let Ok(Err(reason)) = ready_rx.recv_timeout(period) {
             return Err(reason);
@@ -225,6 +238,23 @@ pub(super) fn run(channel: &Channel, setup: &Setup, fds: Vec<OwnedFd>) -> Result
         }
         if threads.iter().all(|t| t.is_finished()) {
             break;
+        }
+        let now = Instant::now();
+        let mut stuck = None;
+        for (index, (lap, (last, since))) in laps.iter().zip(seen.iter_mut()).enumerate() {
+            let lap = lap.load(Ordering::Relaxed);
+            if lap != *last {
+                (*last, *since) = (lap, now);
+            } else if now.duration_since(*since) > STUCK && !threads[index].is_finished() {
+                stuck = Some(index);
+            }
+        }
+        if let Some(index) = stuck {
+            tracing::warn!(
+                queue = index,
+                "a queue thread is not making progress; no heartbeat"
+            );
+            continue;
         }
         let io = counters.snapshot();
         if let Err(e) = channel.send(&ToHost::Heartbeat { io }, &[]) {
@@ -414,6 +444,7 @@ fn serve_queue(
     queue_id: u16,
     served: &[Served],
     counters: &Counters,
+    lap: &AtomicU64,
     ready: &mpsc::Sender<Result<(), String>>,
 ) -> Result<(), String> {
     let total_depth: usize = served.iter().map(|s| usize::from(s.device.depth)).sum();
@@ -475,6 +506,7 @@ fn serve_queue(
     let single = devices.len() == 1;
     let mut last_active = Instant::now();
     loop {
+        lap.fetch_add(1, Ordering::Relaxed);
         let busy = nvme.in_flight() > 0 || !waiting.is_empty();
         let live = devices.iter().filter(|d| d.alive).count();
         if live == 0 && !busy {
