@@ -31,7 +31,14 @@ pub fn test_lab_options(timeout: Option<Duration>) -> LabOptions {
         qemu_args.push(arg.to_string());
     }
     LabOptions {
-        devices: vec![LabDevice::Edu, LabDevice::VirtioNet, LabDevice::Nvme],
+        devices: vec![
+            LabDevice::Edu,
+            LabDevice::VirtioNet,
+            LabDevice::Nvme,
+            LabDevice::VirtioNet,
+            LabDevice::E1000e,
+            LabDevice::E1000e,
+        ],
         qemu_args,
         timeout,
         extra_modules: vec!["ublk_drv".into(), "ext4".into()],
