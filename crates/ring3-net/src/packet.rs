@@ -131,7 +131,9 @@ impl PacketPool {
         if offset % size != 0 {
             return None;
         }
-        u32::try_from(offset / size).ok().filter(|i| *i < self.count)
+        u32::try_from(offset / size)
+            .ok()
+            .filter(|i| *i < self.count)
     }
 
     /// The frame's bytes (its length, at most the buffer).
