@@ -35,6 +35,7 @@
 
 mod error;
 mod packet;
+pub mod tap;
 
 pub use error::{Error, Result};
 pub use packet::{Packet, PacketPool};
