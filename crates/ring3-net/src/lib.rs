@@ -36,6 +36,7 @@
 mod error;
 mod packet;
 pub mod tap;
+pub mod virtio;
 
 pub use error::{Error, Result};
 pub use packet::{Packet, PacketPool};

@@ -217,6 +217,16 @@ impl<M: DeviceModel> FakeBackend<M> {
         }
     }
 
+    /// Writes configuration space as the device's hardware defines it (capability lists,
+    /// read-only registers), for models whose driver reads more than the IDs. Bytes past
+    /// the end of configuration space are ignored.
+    pub fn set_config(&self, offset: u16, data: &[u8]) {
+        let mut config = lock(&self.shared.config);
+        let start = usize::from(offset).min(config.len());
+        let end = (start + data.len()).min(config.len());
+        config[start..end].copy_from_slice(&data[..end - start]);
+    }
+
     /// The device model, for tests to inspect.
     pub fn model(&self) -> &Arc<M> {
         &self.model
