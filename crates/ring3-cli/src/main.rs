@@ -6,6 +6,7 @@
 mod bench;
 mod daemon;
 mod edu;
+mod net;
 mod nvme;
 mod pci;
 mod size;
@@ -38,6 +39,8 @@ enum Command {
     Edu(edu::EduArgs),
     /// Drive an NVMe controller: identify, read, write, trim, SMART log.
     Nvme(nvme::NvmeArgs),
+    /// Drive a network card: show it, bridge it to a TAP interface, show its counters.
+    Net(net::NetArgs),
     /// Measure a device through a ring3 driver (IOPS, bandwidth, latency, CPU).
     Bench(bench::BenchArgs),
     /// Show the devices the ring3d daemon drives: state, process, restarts, I/O counts.
@@ -58,6 +61,7 @@ fn run(command: Command) -> Result<(), CommandError> {
         Command::Unbind(args) => pci::unbind(args)?,
         Command::Edu(args) => edu::run(args)?,
         Command::Nvme(args) => nvme::run(args)?,
+        Command::Net(args) => net::run(args)?,
         Command::Bench(args) => bench::run(args)?,
         Command::Status(args) => daemon::status(args)?,
         Command::Restart(args) => daemon::restart(args)?,
