@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use ring3::pci::{PciAddress, Sysfs};
+use ring3::vfio::VfioBackend;
 use ring3_net::tap::{self, BridgeCounters, BridgeOptions, BridgeStats, Tap};
+use ring3_net::virtio::{VirtioNet, VirtioOptions};
 use ring3_net::NetDevice;
 use ring3d::control::{Request, Response};
 use serde::Serialize;
@@ -157,19 +159,32 @@ pub fn run(args: NetArgs) -> Result<(), CommandError> {
     open_and_run(driver, &address, args.command)
 }
 
-/// Opens the NIC with `driver` and runs `command` on it.
+/// Opens the NIC with `driver` and runs `command` on it. `tap` asks for interrupts, so
+/// that an idle bridge sleeps; `info` polls.
 fn open_and_run(driver: Driver, address: &str, command: NetCommand) -> Result<(), CommandError> {
-    // TODO: open VirtioNet / E1000e over VfioBackend here once the drivers are in.
-    let _ = command;
-    Err(NetError(format!(
-        "{address}: the {} driver is not built into this ring3 yet",
-        driver.name()
-    ))
-    .into())
+    let interrupts = matches!(command, NetCommand::Tap(_));
+    let backend = VfioBackend::open(address)?;
+    match driver {
+        Driver::Virtio => {
+            let options = VirtioOptions {
+                interrupts,
+                ..VirtioOptions::default()
+            };
+            let device = VirtioNet::new(backend, options)?;
+            run_on(driver, address, device, command)
+        }
+        Driver::E1000e => {
+            // TODO: open E1000e here once the driver is in.
+            Err(NetError(format!(
+                "{address}: the {} driver is not built into this ring3 yet",
+                driver.name()
+            ))
+            .into())
+        }
+    }
 }
 
 /// Runs `command` (`info` or `tap`) on an opened NIC.
-#[allow(dead_code)]
 fn run_on<D: NetDevice>(
     driver: Driver,
     address: &str,
