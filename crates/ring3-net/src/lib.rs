@@ -33,6 +33,7 @@
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+pub mod e1000e;
 mod error;
 mod packet;
 pub mod tap;
