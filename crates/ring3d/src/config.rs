@@ -27,7 +27,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use crate::error::{ConfigError, ConfigErrors, Location};
-use raw::{section, Checked, RawDaemon, RawDevice, RawNvme, RawRestartBudget, Report};
+use raw::{section, Checked, RawDaemon, RawDevice, RawNet, RawNvme, RawRestartBudget, Report};
 pub use resolve::{Plan, PlannedDevice};
 
 /// Where `ring3d` looks for its config file unless told otherwise.
@@ -188,16 +188,22 @@ impl fmt::Display for DeviceSelector {
 pub enum Driver {
     /// NVMe controllers (`ring3-nvme`).
     Nvme,
+    /// virtio-net NICs, virtio 1.x modern PCI (`ring3-net`).
+    VirtioNet,
+    /// Intel 82574L NICs (`ring3-net`).
+    E1000e,
 }
 
 impl Driver {
     /// Every known driver.
-    pub const ALL: [Driver; 1] = [Driver::Nvme];
+    pub const ALL: [Driver; 3] = [Driver::Nvme, Driver::VirtioNet, Driver::E1000e];
 
     /// The driver's name in the config file.
     pub fn name(self) -> &'static str {
         match self {
             Driver::Nvme => "nvme",
+            Driver::VirtioNet => "virtio-net",
+            Driver::E1000e => "e1000e",
         }
     }
 
@@ -210,6 +216,7 @@ impl Driver {
     pub fn exposures(self) -> &'static [Exposure] {
         match self {
             Driver::Nvme => &[Exposure::Ublk],
+            Driver::VirtioNet | Driver::E1000e => &[Exposure::Tap],
         }
     }
 
@@ -219,6 +226,18 @@ impl Driver {
         match self {
             // Mass storage, non-volatile memory, NVM Express.
             Driver::Nvme => 0x01_08_02,
+            // Network controller, Ethernet.
+            Driver::VirtioNet | Driver::E1000e => 0x02_00_00,
+        }
+    }
+
+    /// The vendor:device IDs the driver takes, when its class is not enough (any NIC is
+    /// class 020000); `None`: any device of the class.
+    pub fn device_ids(self) -> Option<&'static [(u16, u16)]> {
+        match self {
+            Driver::Nvme => None,
+            Driver::VirtioNet => Some(&[(0x1af4, 0x1041)]),
+            Driver::E1000e => Some(&[(0x8086, 0x10d3)]),
         }
     }
 
@@ -226,6 +245,8 @@ impl Driver {
     pub fn device_kind(self) -> &'static str {
         match self {
             Driver::Nvme => "an NVMe controller",
+            Driver::VirtioNet => "a virtio-net NIC (1af4:1041)",
+            Driver::E1000e => "an Intel 82574L NIC (8086:10d3)",
         }
     }
 }
@@ -241,6 +262,8 @@ impl fmt::Display for Driver {
 pub enum DriverConfig {
     /// `driver = "nvme"`.
     Nvme(NvmeOptions),
+    /// `driver = "virtio-net"` or `"e1000e"`.
+    Net(Driver, NetOptions),
 }
 
 impl DriverConfig {
@@ -248,6 +271,7 @@ impl DriverConfig {
     pub fn driver(&self) -> Driver {
         match self {
             DriverConfig::Nvme(_) => Driver::Nvme,
+            DriverConfig::Net(driver, _) => *driver,
         }
     }
 }
@@ -256,6 +280,7 @@ impl fmt::Display for DriverConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DriverConfig::Nvme(options) => write!(f, "nvme ({options})"),
+            DriverConfig::Net(driver, options) => write!(f, "{driver} ({options})"),
         }
     }
 }
@@ -302,6 +327,38 @@ impl fmt::Display for NvmeOptions {
             "queues {}, queue depth {}, namespaces {}",
             self.queues, self.queue_depth, self.namespaces
         )
+    }
+}
+
+/// `[device.net]`: options of the network drivers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetOptions {
+    /// Queue pairs to ask for (`queues`; the e1000e has one).
+    pub queues: u16,
+    /// Descriptors per ring (`ring_size`).
+    pub ring_size: u16,
+}
+
+impl NetOptions {
+    /// `queues`: allowed range.
+    pub const QUEUES: RangeInclusive<u64> = 1..=16;
+    /// `ring_size`: allowed range (a power of two for virtio, a multiple of 8 for e1000e;
+    /// the driver rounds down to what the device takes).
+    pub const RING_SIZE: RangeInclusive<u64> = 64..=4096;
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        NetOptions {
+            queues: 1,
+            ring_size: 256,
+        }
+    }
+}
+
+impl fmt::Display for NetOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "queues {}, ring size {}", self.queues, self.ring_size)
     }
 }
 
@@ -905,6 +962,20 @@ fn check_options(
     context: &str,
     report: &mut Report<'_>,
 ) -> Option<DriverConfig> {
+    let misplaced = match driver {
+        Driver::Nvme => raw.net.as_ref().map(|t| (t.span(), "net")),
+        Driver::VirtioNet | Driver::E1000e => raw.nvme.as_ref().map(|t| (t.span(), "nvme")),
+    };
+    if let Some((span, table)) = misplaced {
+        report.at(
+            span,
+            format!(
+                "{context}: [device.{table}] does not apply to driver {driver}; remove it",
+                driver = driver.name()
+            ),
+        );
+        return None;
+    }
     match driver {
         Driver::Nvme => {
             let Some(nvme) = &raw.nvme else {
@@ -912,7 +983,32 @@ fn check_options(
             };
             check_nvme(nvme.get_ref(), &format!("{context}: nvme"), report).map(DriverConfig::Nvme)
         }
+        Driver::VirtioNet | Driver::E1000e => {
+            let Some(net) = &raw.net else {
+                return Some(DriverConfig::Net(driver, NetOptions::default()));
+            };
+            check_net(net.get_ref(), &format!("{context}: net"), report)
+                .map(|options| DriverConfig::Net(driver, options))
+        }
     }
+}
+
+fn check_net(raw: &RawNet, context: &str, report: &mut Report<'_>) -> Option<NetOptions> {
+    let mut options = NetOptions::default();
+    let mut valid = true;
+    if let Some(queues) = &raw.queues {
+        match in_range(queues, NetOptions::QUEUES, "queues", context, report) {
+            Some(queues) => options.queues = u16::try_from(queues).expect("the range fits"),
+            None => valid = false,
+        }
+    }
+    if let Some(size) = &raw.ring_size {
+        match in_range(size, NetOptions::RING_SIZE, "ring_size", context, report) {
+            Some(size) => options.ring_size = u16::try_from(size).expect("the range fits"),
+            None => valid = false,
+        }
+    }
+    valid.then_some(options)
 }
 
 fn check_nvme(raw: &RawNvme, context: &str, report: &mut Report<'_>) -> Option<NvmeOptions> {

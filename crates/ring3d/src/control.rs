@@ -106,6 +106,30 @@ pub struct DeviceStatus {
     pub exposed: Vec<String>,
     /// I/O through the device since the daemon started.
     pub io: IoCounters,
+    /// Per queue, for network drivers: packets, bytes, drops and errors.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetQueueCounters>,
+}
+
+/// One queue of a network driver, as `ring3 net ADDR stats` shows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetQueueCounters {
+    /// Queue pair number.
+    pub queue: u16,
+    /// Frames received.
+    pub rx_packets: u64,
+    /// Their bytes.
+    pub rx_bytes: u64,
+    /// Frames lost on the way in (no buffer, or bad).
+    pub rx_drops: u64,
+    /// Frames sent.
+    pub tx_packets: u64,
+    /// Their bytes.
+    pub tx_bytes: u64,
+    /// Frames lost on the way out (ring or interface full).
+    pub tx_drops: u64,
+    /// Device errors.
+    pub errors: u64,
 }
 
 /// Counts of I/O requests served by a driver.
@@ -609,6 +633,7 @@ mod tests {
                 writes: 5,
                 ..IoCounters::default()
             },
+            net: Vec::new(),
         }
     }
 

@@ -23,7 +23,15 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 pub fn run(config: Config, plan: Plan, sysfs: Sysfs) -> Result<(), String> {
     let daemon = config.daemon.clone();
     let sandbox = Sandbox::for_user(&daemon.driver_user, 0).map_err(|e| e.to_string())?;
-    let ublk = Arc::new(Control::open().map_err(|e| format!("ublk: {e}"))?);
+    let needs_ublk = plan
+        .devices
+        .iter()
+        .any(|d| d.expose == crate::config::Exposure::Ublk);
+    let ublk = if needs_ublk {
+        Some(Arc::new(Control::open().map_err(|e| format!("ublk: {e}"))?))
+    } else {
+        None
+    };
     let program = std::env::current_exe()
         .map_err(|e| format!("could not find ring3d's own executable: {e}"))?;
     let mut signals = Signals::new([SIGTERM, SIGINT])
@@ -69,7 +77,7 @@ pub fn run(config: Config, plan: Plan, sysfs: Sysfs) -> Result<(), String> {
             daemon: daemon.clone(),
             uid: sandbox.uid,
             gid: sandbox.gid,
-            ublk: Arc::clone(&ublk),
+            ublk: ublk.clone(),
             sysfs: sysfs.clone(),
             program: program.clone(),
         };

@@ -27,7 +27,7 @@ use rustix::net::{
 };
 use serde::{Deserialize, Serialize};
 
-pub use crate::control::IoCounters;
+pub use crate::control::{IoCounters, NetQueueCounters};
 
 /// The driver process's file descriptor for its end of the channel.
 pub const DRIVER_FD: i32 = 3;
@@ -49,11 +49,19 @@ pub enum ToDriver {
         /// One per exposed namespace.
         devices: Vec<ServeDevice>,
     },
+    /// The TAP interface to bridge a NIC to, with its file.
+    ServeTap {
+        /// The interface's name.
+        interface: String,
+    },
 }
 
 /// Everything a driver process needs to know to start.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Setup {
+    /// The driver to run: `nvme`, `virtio-net` or `e1000e`.
+    #[serde(default = "nvme")]
+    pub driver: String,
     /// The device's name in the config, for log lines.
     pub name: String,
     /// The device's PCI address.
@@ -70,12 +78,16 @@ pub struct Setup {
     pub heartbeat_ms: u64,
     /// I/O queue pairs to use (the controller may grant fewer).
     pub queues: u16,
-    /// Requests in flight per queue and device.
+    /// Requests in flight per queue and device (NVMe), or descriptors per ring (NICs).
     pub queue_depth: u16,
     /// The largest request, in bytes.
     pub max_io_bytes: u32,
     /// Namespaces to serve; empty: all.
     pub namespaces: Vec<u32>,
+}
+
+fn nvme() -> String {
+    "nvme".into()
 }
 
 /// One ublk device for the driver to serve.
@@ -99,6 +111,17 @@ pub struct ServeDevice {
 pub enum ToHost {
     /// The device is up and sandboxed; what it offers.
     Hello(Hello),
+    /// A NIC is up and sandboxed.
+    NetHello {
+        /// The driver's process ID.
+        pid: u32,
+        /// The NIC's MAC address, `aa:bb:cc:dd:ee:ff`.
+        mac: String,
+        /// Queue pairs.
+        queues: u16,
+        /// Whether the link is up.
+        link_up: bool,
+    },
     /// Every queue of ublk device `id` waits for requests.
     Ready {
         /// The ublk device ID.
@@ -108,6 +131,9 @@ pub enum ToHost {
     Heartbeat {
         /// Counters since the process started.
         io: IoCounters,
+        /// Per queue, for network drivers.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        net: Vec<NetQueueCounters>,
     },
     /// The driver gives up, and why; it exits next.
     Failed {

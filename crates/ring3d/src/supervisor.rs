@@ -79,8 +79,8 @@ pub struct Context {
     pub uid: u32,
     /// The group drivers run as.
     pub gid: u32,
-    /// `/dev/ublk-control`.
-    pub ublk: Arc<Control>,
+    /// `/dev/ublk-control`, when a device is exposed through ublk.
+    pub ublk: Option<Arc<Control>>,
     /// Where the PCI devices are.
     pub sysfs: Sysfs,
     /// The program to run as the driver (`ring3d` itself, with `driver`).
@@ -103,6 +103,7 @@ impl Supervisor {
             reason: None,
             exposed: Vec::new(),
             io: IoCounters::default(),
+            net: Vec::new(),
         };
         let published = Arc::new(Mutex::new(Published { status, since: now }));
         let (requests, receiver) = mpsc::channel();
@@ -236,6 +237,11 @@ struct Runner {
     context: Context,
     published: Arc<Mutex<Published>>,
     exposed: Vec<Exposed>,
+    /// The TAP interface a NIC is bridged to; it outlives driver processes, so the
+    /// interface (and its addresses) stay while a driver restarts.
+    tap: Option<ring3_net::tap::Tap>,
+    /// I/O done by earlier driver processes of this device.
+    io_before: IoCounters,
     /// When the driver died, within the budget's window.
     deaths: VecDeque<Instant>,
 }
@@ -246,8 +252,18 @@ impl Runner {
             context,
             published,
             exposed: Vec::new(),
+            tap: None,
+            io_before: IoCounters::default(),
             deaths: VecDeque::new(),
         }
+    }
+
+    fn published_io(&self) -> IoCounters {
+        self.published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .status
+            .io
     }
 
     fn publish(&self, change: impl FnOnce(&mut DeviceStatus)) {
@@ -292,6 +308,7 @@ impl Runner {
                         Watched::Died(reason) => reason,
                         Watched::Asked(Request::Restart(reply)) => {
                             let how = driver.kill();
+                            self.io_before = self.published_io();
                             tracing::info!(how, "driver restarted on request");
                             let _ = reply.send(Ok(format!(
                                 "{}: driver restarted",
@@ -321,6 +338,7 @@ impl Runner {
                 }
             };
             tracing::warn!(%reason, "driver failed");
+            self.io_before = self.published_io();
             self.publish(|s| {
                 s.reason = Some(reason.clone());
                 s.pid = None;
@@ -383,16 +401,38 @@ impl Runner {
         self.deaths.len() as u64 <= u64::from(budget.restarts)
     }
 
-    fn nvme_options(&self) -> (u16, u16, Vec<u32>) {
+    /// Queues, their depth (ring size for NICs), namespaces (NVMe) and the locked memory
+    /// the driver may pin.
+    fn driver_options(&self) -> (u16, u16, Vec<u32>, u64) {
         match &self.context.device.driver {
-            DriverConfig::Nvme(options) => (
-                options.queues,
-                options.queue_depth,
-                match &options.namespaces {
+            DriverConfig::Nvme(options) => {
+                let namespaces = match &options.namespaces {
                     Namespaces::All => Vec::new(),
                     Namespaces::Only(ids) => ids.clone(),
-                },
-            ),
+                };
+                let listed = if namespaces.is_empty() {
+                    16
+                } else {
+                    namespaces.len()
+                };
+                let memlock = crate::driver::memlock_estimate(
+                    options.queues,
+                    options.queue_depth,
+                    MAX_IO_BYTES,
+                    listed,
+                );
+                (options.queues, options.queue_depth, namespaces, memlock)
+            }
+            DriverConfig::Net(_, options) => {
+                // Receive and transmit rings of 2 KiB buffers, and the rings themselves.
+                let memlock = crate::driver::memlock_estimate(
+                    options.queues,
+                    options.ring_size.saturating_mul(4),
+                    2048,
+                    1,
+                );
+                (options.queues, options.ring_size, Vec::new(), memlock)
+            }
         }
     }
 
@@ -416,24 +456,15 @@ impl Runner {
         let child = spawn_driver(&self.context.program, driver_end)
             .map_err(|e| (None, format!("starting the driver process: {e}")))?;
         let mut driver = Driver { child, channel };
-        let (queues, queue_depth, namespaces) = self.nvme_options();
-        let listed = if namespaces.is_empty() {
-            16
-        } else {
-            namespaces.len()
-        };
+        let (queues, queue_depth, namespaces, memlock_bytes) = self.driver_options();
         let setup = Setup {
+            driver: self.context.device.driver.driver().name().into(),
             name: self.context.device.name.clone(),
             pci: address.clone(),
             group: backend.group().number(),
             uid: self.context.uid,
             gid: self.context.gid,
-            memlock_bytes: crate::driver::memlock_estimate(
-                queues,
-                queue_depth,
-                MAX_IO_BYTES,
-                listed,
-            ),
+            memlock_bytes,
             heartbeat_ms: self.context.daemon.heartbeat.as_millis() as u64,
             queues,
             queue_depth,
@@ -453,6 +484,21 @@ impl Runner {
         }
         let hello = match driver.channel.recv::<ToHost>(Some(START_TIMEOUT)) {
             Ok((ToHost::Hello(hello), _)) => hello,
+            Ok((
+                ToHost::NetHello {
+                    pid,
+                    mac,
+                    queues,
+                    link_up,
+                },
+                _,
+            )) => {
+                tracing::info!(pid, %mac, queues, link_up, "driver brought the NIC up");
+                return match self.expose_tap(&mut driver, &mac) {
+                    Ok(()) => Ok(driver),
+                    Err(reason) => Err((Some(driver), reason)),
+                };
+            }
             Ok((ToHost::Failed { reason }, _)) => return Err((Some(driver), reason)),
             Ok((other, _)) => {
                 return Err((
@@ -481,10 +527,50 @@ impl Runner {
         }
     }
 
+    /// Creates the TAP interface (first start) and bridges the driver to it.
+    fn expose_tap(&mut self, driver: &mut Driver, mac: &str) -> Result<(), String> {
+        if self.tap.is_none() {
+            let name = ring3_net::tap::interface_name(&self.context.device.address.to_string());
+            let tap = ring3_net::tap::Tap::create(&name, Some(self.context.uid))
+                .map_err(|e| format!("creating the TAP interface {name}: {e}"))?;
+            let parsed = parse_mac(mac)
+                .ok_or_else(|| format!("the driver reported a malformed MAC address {mac:?}"))?;
+            tap.set_mac(parsed)
+                .map_err(|e| format!("setting {name}'s MAC address: {e}"))?;
+            tap.set_up(true)
+                .map_err(|e| format!("bringing {name} up: {e}"))?;
+            self.tap = Some(tap);
+        }
+        let Some(tap) = &self.tap else {
+            return Err("no TAP interface".into());
+        };
+        let interface = tap.name().to_string();
+        driver
+            .channel
+            .send(
+                &ToDriver::ServeTap {
+                    interface: interface.clone(),
+                },
+                &[tap.as_fd()],
+            )
+            .map_err(|e| failure("handing the TAP interface over", e, driver))?;
+        match driver.channel.recv::<ToHost>(Some(START_TIMEOUT)) {
+            Ok((ToHost::Ready { .. }, _)) => {}
+            Ok((ToHost::Failed { reason }, _)) => return Err(reason),
+            Ok((other, _)) => return Err(format!("the driver said {other:?} instead of ready")),
+            Err(e) => return Err(failure("waiting for the driver's queues", e, driver)),
+        }
+        tracing::info!(%interface, "bridged");
+        self.publish(|s| s.exposed = vec![interface]);
+        Ok(())
+    }
+
     /// Creates the ublk devices (first start) or recovers them (restart), hands them to
     /// the driver and starts them once its queues are ready.
     fn expose(&mut self, driver: &mut Driver, hello: &Hello, depth: u16) -> Result<(), String> {
-        let ublk = Arc::clone(&self.context.ublk);
+        let Some(ublk) = self.context.ublk.clone() else {
+            return Err("ublk is not set up (ring3d found no ublk device in the config)".into());
+        };
         let first = self.exposed.is_empty();
         let depth = depth.min(hello.max_queue_depth.max(2)).min(4096);
         if first {
@@ -591,7 +677,7 @@ impl Runner {
     }
 
     /// Watches a running driver until it dies, hangs, or a request comes.
-    fn watch(&self, driver: &mut Driver, requests: &Receiver<Request>) -> Watched {
+    fn watch(&mut self, driver: &mut Driver, requests: &Receiver<Request>) -> Watched {
         let timeout = self.context.daemon.heartbeat_timeout;
         let mut last = Instant::now();
         let mut said: Option<String> = None;
@@ -605,9 +691,13 @@ impl Runner {
                 .channel
                 .recv::<ToHost>(Some(Duration::from_millis(100)))
             {
-                Ok((ToHost::Heartbeat { io }, _)) => {
+                Ok((ToHost::Heartbeat { io, net }, _)) => {
                     last = Instant::now();
-                    self.publish(|s| s.io = io);
+                    let total = add_counters(&self.io_before, &io);
+                    self.publish(|s| {
+                        s.io = total;
+                        s.net = net;
+                    });
                 }
                 Ok((ToHost::Failed { reason }, _)) => said = Some(reason),
                 Ok(_) => last = Instant::now(),
@@ -638,9 +728,18 @@ impl Runner {
     /// driver.
     fn stop(&mut self, driver: Option<Driver>) -> Result<String, String> {
         self.set_state("stopping", driver.as_ref().map(Driver::pid));
-        for exposed in &self.exposed {
-            if let Err(e) = self.context.ublk.stop(exposed.id) {
-                tracing::warn!(id = exposed.id, error = %e, "stopping the ublk device failed");
+        if let Some(ublk) = &self.context.ublk {
+            for exposed in &self.exposed {
+                if let Err(e) = ublk.stop(exposed.id) {
+                    tracing::warn!(id = exposed.id, error = %e, "stopping the ublk device failed");
+                }
+            }
+        }
+        if self.tap.is_some() {
+            // A NIC has nothing to drain: frames in flight are lost as on any link.
+            if let Some(driver) = &driver {
+                // SAFETY: kill(2) on the driver process, which is our unreaped child.
+                unsafe { libc::kill(driver.pid() as i32, libc::SIGTERM) };
             }
         }
         if let Some(mut driver) = driver {
@@ -653,6 +752,8 @@ impl Runner {
             }
         }
         self.remove_exposed();
+        // Closing the last file of the TAP removes the interface.
+        self.tap = None;
         let name = &self.context.device.name;
         let result = match self
             .context
@@ -720,11 +821,14 @@ impl Runner {
     }
 
     fn remove_exposed(&mut self) {
+        let Some(ublk) = self.context.ublk.clone() else {
+            return;
+        };
         for exposed in self.exposed.drain(..) {
-            if let Err(e) = self.context.ublk.stop(exposed.id) {
+            if let Err(e) = ublk.stop(exposed.id) {
                 tracing::debug!(id = exposed.id, error = %e, "stopping the ublk device");
             }
-            if let Err(e) = self.context.ublk.delete(exposed.id) {
+            if let Err(e) = ublk.delete(exposed.id) {
                 tracing::warn!(id = exposed.id, error = %e, "deleting the ublk device failed");
             }
         }
@@ -736,6 +840,29 @@ fn failure(what: &str, error: IpcError, driver: &mut Driver) -> String {
     match error {
         IpcError::Closed => format!("{what}: the driver process {}", driver.kill()),
         other => format!("{what}: {other}"),
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff` → bytes.
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Counters of earlier driver processes plus the current one's.
+fn add_counters(before: &IoCounters, now: &IoCounters) -> IoCounters {
+    IoCounters {
+        reads: before.reads + now.reads,
+        writes: before.writes + now.writes,
+        flushes: before.flushes + now.flushes,
+        discards: before.discards + now.discards,
+        read_bytes: before.read_bytes + now.read_bytes,
+        written_bytes: before.written_bytes + now.written_bytes,
+        errors: before.errors + now.errors,
     }
 }
 

@@ -21,7 +21,13 @@ fn check_without_resolving_accepts_the_example() {
     let output = ring3d(&["--config", EXAMPLE, "--check", "--no-resolve"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     let stdout = text(&output.stdout);
-    assert!(stdout.contains("valid (2 devices"), "{stdout}");
+    assert!(stdout.contains("valid (3 devices"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "lan0: match 1af4:1041 -> virtio-net (queues 1, ring size 256) exposed as tap"
+        ),
+        "{stdout}"
+    );
     assert!(stdout.contains("fast0: pci 0000:03:00.0 -> nvme (queues 4, queue depth 128, namespaces 1) exposed as ublk"), "{stdout}");
     assert!(
         stdout.contains("scratch: match 1b36:0010 index 1 -> nvme"),
@@ -95,8 +101,12 @@ fn check_resolves_against_a_sysfs_tree() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = text(&output.stderr);
     assert!(stderr.contains(":28:9: device \"scratch\": index 1 is out of range: match 1b36:0010 fits 1 device (0000:03:00.0)"), "{stderr}");
+    assert!(
+        stderr.contains(":34:9: device \"lan0\": no PCI device matches 1af4:1041"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("fast0"), "{stderr}");
-    assert!(stderr.contains("1 problem in the config"), "{stderr}");
+    assert!(stderr.contains("2 problems in the config"), "{stderr}");
 }
 
 #[test]

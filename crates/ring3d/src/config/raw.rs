@@ -60,6 +60,18 @@ pub(super) struct RawDevice {
     pub driver: Option<Spanned<String>>,
     pub expose: Option<Spanned<String>>,
     pub nvme: Option<Spanned<RawNvme>>,
+    pub net: Option<Spanned<RawNet>>,
+}
+
+/// `[device.net]`.
+#[derive(Deserialize, Debug)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table: [device.net] followed by its keys"
+)]
+pub(super) struct RawNet {
+    pub queues: Option<Spanned<i64>>,
+    pub ring_size: Option<Spanned<i64>>,
 }
 
 /// `[device.nvme]`.
@@ -97,11 +109,17 @@ impl Section for RawRestartBudget {}
 
 impl Section for RawDevice {
     fn nested(key: &str) -> Option<NestedCheck> {
-        (key == "nvme").then_some(clean::<RawNvme> as NestedCheck)
+        match key {
+            "nvme" => Some(clean::<RawNvme> as NestedCheck),
+            "net" => Some(clean::<RawNet> as NestedCheck),
+            _ => None,
+        }
     }
 }
 
 impl Section for RawNvme {}
+
+impl Section for RawNet {}
 
 /// A section as read, and the keys that were present but bad (already reported), so
 /// that the value checks neither call them missing nor compare against them.

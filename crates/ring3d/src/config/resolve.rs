@@ -111,6 +111,20 @@ impl Config {
                 )));
                 continue;
             }
+            if let Some(ids) = driver.device_ids() {
+                if !ids.contains(&(found.vendor_id, found.device_id)) {
+                    errors.push(error(format!(
+                        "device {:?}: {} is {:04x}:{:04x}, not {}; name the right device or \
+                         the right driver",
+                        device.name,
+                        found.address,
+                        found.vendor_id,
+                        found.device_id,
+                        driver.device_kind(),
+                    )));
+                    continue;
+                }
+            }
             if let Some(first) = taken.get(&found.address) {
                 errors.push(error(format!(
                     "device {:?}: {} resolves to {}, which device {:?} (line {}) already uses; \

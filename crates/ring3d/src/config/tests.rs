@@ -66,7 +66,7 @@ fn example_file_parses() {
             heartbeat_timeout: Duration::from_millis(5000),
         }
     );
-    assert_eq!(config.devices.len(), 2);
+    assert_eq!(config.devices.len(), 3);
     let fast = &config.devices[0];
     assert_eq!(fast.name, "fast0");
     assert_eq!(
@@ -100,6 +100,48 @@ fn example_file_parses() {
         }
     );
     assert_eq!(scratch.driver, DriverConfig::Nvme(NvmeOptions::default()));
+    let lan = &config.devices[2];
+    assert_eq!(
+        lan.driver,
+        DriverConfig::Net(
+            Driver::VirtioNet,
+            NetOptions {
+                queues: 1,
+                ring_size: 256
+            }
+        )
+    );
+    assert_eq!(lan.expose, Exposure::Tap);
+}
+
+#[test]
+fn network_drivers_take_the_net_table_only() {
+    let errors = errors_of(
+        "[[device]]\nname = \"l\"\npci = \"05:00.0\"\ndriver = \"e1000e\"\n\
+         [device.nvme]\nqueues = 2\n",
+    )
+    .to_string();
+    assert!(
+        errors.contains("[device.nvme] does not apply to driver e1000e"),
+        "{errors}"
+    );
+    let errors = errors_of(
+        "[[device]]\nname = \"l\"\npci = \"05:00.0\"\ndriver = \"virtio-net\"\n\
+         expose = \"ublk\"\n",
+    )
+    .to_string();
+    assert!(errors.contains("expose"), "{errors}");
+    let errors = errors_of(
+        "[[device]]\nname = \"l\"\npci = \"05:00.0\"\ndriver = \"virtio-net\"\n\
+         [device.net]\nring_size = 8\n",
+    )
+    .to_string();
+    assert!(
+        errors.contains("ring_size 8 is out of range (64 to 4096)"),
+        "{errors}"
+    );
+    let config = parse("[[device]]\nname = \"l\"\npci = \"05:00.0\"\ndriver = \"e1000e\"\n");
+    assert_eq!(config.devices[0].expose, Exposure::Tap);
 }
 
 #[test]

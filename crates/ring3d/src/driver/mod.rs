@@ -6,6 +6,7 @@
 //! stops the exposed devices. Whatever goes wrong, it tells the host why and exits: the
 //! host restarts it.
 
+mod net;
 mod nvme;
 
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -49,7 +50,10 @@ fn run(channel: &Channel) -> Result<(), String> {
         tracing::error!("RING3_DRIVER_FAULT=abort-on-start: aborting");
         std::process::abort();
     }
-    nvme::run(channel, &setup, fds)
+    match setup.driver.as_str() {
+        "nvme" => nvme::run(channel, &setup, fds),
+        _ => net::run(channel, &setup, fds),
+    }
 }
 
 /// A message the driver could not exchange with the host.

@@ -257,7 +257,11 @@ pub(super) fn run(channel: &Channel, setup: &Setup, fds: Vec<OwnedFd>) -> Result
             continue;
         }
         let io = counters.snapshot();
-        if let Err(e) = channel.send(&ToHost::Heartbeat { io }, &[]) {
+        let beat = ToHost::Heartbeat {
+            io,
+            net: Vec::new(),
+        };
+        if let Err(e) = channel.send(&beat, &[]) {
             return Err(ipc_failed("sending a heartbeat", e));
         }
     }
