@@ -274,11 +274,12 @@ pub(crate) fn process_alive(pid: i32) -> bool {
 
 /// Debian packages the workspace needs on the host beyond Rust: libclang for the bindings
 /// of the ublk crate (bindgen), and the programs the lab tests run in the guest (which
-/// sees the host's file system): fio and mkfs.ext4.
+/// sees the host's file system): fio, mkfs.ext4 and ping.
 const BUILD_PACKAGES: &[(&str, &str)] = &[
     ("libclang-dev", ""),
     ("fio", "fio"),
     ("e2fsprogs", "mkfs.ext4"),
+    ("iputils-ping", "ping"),
 ];
 
 fn package_installed(package: &str) -> bool {
