@@ -206,6 +206,7 @@ mod tests {
             reason: None,
             exposed: Vec::new(),
             io: IoCounters::default(),
+            net: Vec::new(),
         }
     }
 

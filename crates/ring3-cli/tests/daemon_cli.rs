@@ -30,6 +30,7 @@ impl Handler for FakeDaemon {
                             writes: 20,
                             ..IoCounters::default()
                         },
+                        net: Vec::new(),
                     },
                     DeviceStatus {
                         name: "slow1".into(),
@@ -43,6 +44,7 @@ impl Handler for FakeDaemon {
                         reason: Some("restart budget spent: 5 restarts in 1800 s".into()),
                         exposed: vec![],
                         io: IoCounters::default(),
+                        net: Vec::new(),
                     },
                 ],
             },
