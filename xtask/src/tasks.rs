@@ -41,7 +41,7 @@ pub fn test_lab_options(timeout: Option<Duration>) -> LabOptions {
         ],
         qemu_args,
         timeout,
-        extra_modules: vec!["ublk_drv".into(), "ext4".into()],
+        extra_modules: vec!["ublk_drv".into(), "ext4".into(), "tun".into()],
         ..LabOptions::default()
     }
 }
