@@ -166,8 +166,14 @@ impl Daemon {
             .iter()
             .map(|v| v.as_str().expect("a path").to_string())
             .collect::<Vec<_>>();
-        for path in &exposed {
-            wait_for_path(Path::new(path));
+        for exposed in &exposed {
+            // Block devices are paths; network interfaces are names.
+            let path = if exposed.starts_with('/') {
+                PathBuf::from(exposed)
+            } else {
+                Path::new("/sys/class/net").join(exposed)
+            };
+            wait_for_path(&path);
         }
         (pid, exposed)
     }
@@ -568,4 +574,148 @@ fn lab_ring3d_gives_up_on_a_driver_that_crashes_on_start() {
     assert!(stopped.status.success());
     assert_ne!(driver_of(&daemon.address).as_deref(), Some("vfio-pci"));
     daemon.stop();
+}
+
+/// The PCI addresses of the lab's e1000e NICs (8086:10d3), in address order.
+fn e1000e_addresses() -> Vec<String> {
+    Sysfs::system()
+        .devices()
+        .expect("listing PCI devices")
+        .into_iter()
+        .filter(|d| d.vendor_id == 0x8086 && d.device_id == 0x10d3)
+        .map(|d| d.address.to_string())
+        .collect()
+}
+
+fn sh(script: &str) -> Output {
+    run("sh", &["-c", script])
+}
+
+/// A NIC under ring3d behind a TAP interface, talking to the kernel's e1000e driver on
+/// the other NIC of the hub (in its own network namespace, so the traffic crosses the
+/// emulated wire): ping, then a TCP transfer, then the same after the driver is killed.
+#[test]
+#[ignore = "needs the lab VM: cargo xtask test"]
+fn lab_ring3d_nic_behind_a_tap_survives_a_driver_kill() {
+    in_lab();
+    let nics = e1000e_addresses();
+    assert!(nics.len() >= 2, "the lab VM has two e1000e NICs: {nics:?}");
+    let (ours, peer) = (&nics[0], &nics[1]);
+    let dir = scratch("nic");
+    let socket = dir.join("ring3d.sock");
+    let config = format!(
+        "[daemon]\nsocket = \"{}\"\ndriver_user = \"nobody\"\nheartbeat_ms = 200\n\
+         heartbeat_timeout_ms = 3000\n\
+         [[device]]\nname = \"lan0\"\npci = \"{ours}\"\ndriver = \"e1000e\"\n",
+        socket.display()
+    );
+    let path = dir.join("ring3d.toml");
+    fs::write(&path, config).expect("writing the config");
+    let child = Command::new(bin("ring3d"))
+        .args(["--config", &path.to_string_lossy()])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("starting ring3d");
+    let mut daemon = Daemon {
+        child: Some(child),
+        socket,
+        address: ours.clone(),
+    };
+    let (pid, exposed) = daemon.running();
+    assert_eq!(exposed.len(), 1, "one TAP interface: {exposed:?}");
+    let tap = exposed[0].clone();
+    assert!(
+        Path::new(&format!("/sys/class/net/{tap}")).exists(),
+        "{tap} exists"
+    );
+
+    // The peer: the kernel's own driver on the other NIC, in a namespace.
+    assert!(sh("modprobe e1000e").status.success());
+    let peer_if = {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let dir = format!("/sys/bus/pci/devices/{peer}/net");
+            if let Some(name) = fs::read_dir(&dir)
+                .ok()
+                .and_then(|mut entries| entries.next())
+                .and_then(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+            {
+                break name;
+            }
+            assert!(Instant::now() < deadline, "the kernel's e1000e took {peer}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let setup = format!(
+        "ip netns del r3peer 2>/dev/null; ip netns add r3peer && \
+         ip link set {peer_if} netns r3peer && \
+         ip -n r3peer addr add 10.44.0.2/24 dev {peer_if} && \
+         ip -n r3peer link set {peer_if} up && ip -n r3peer link set lo up && \
+         ip addr add 10.44.0.1/24 dev {tap} && ip link set {tap} up"
+    );
+    assert!(sh(&setup).status.success(), "network setup");
+    let ping = || sh("ping -c 3 -W 5 -i 0.3 10.44.0.2");
+    // The first ping may wait for the peer's link to come up.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ping().status.success() {
+        assert!(Instant::now() < deadline, "ping through the TAP bridge");
+    }
+    tcp_transfer_checked();
+
+    // A killed driver: the interface and its address stay, traffic resumes.
+    kill(pid, libc::SIGKILL);
+    let (new_pid, again) = daemon.running_other_than(pid);
+    assert_ne!(new_pid, pid);
+    assert_eq!(again, exposed, "the same interface after the restart");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ping().status.success() {
+        assert!(Instant::now() < deadline, "ping after the driver restart");
+    }
+    tcp_transfer_checked();
+    let status = daemon.status().expect("status");
+    assert_eq!(status["restarts"], 1, "{status}");
+    let net = &status["net"][0];
+    assert!(net["rx_packets"].as_u64().unwrap_or(0) > 0, "{status}");
+    assert!(net["tx_packets"].as_u64().unwrap_or(0) > 0, "{status}");
+    daemon.stop();
+    assert!(
+        !Path::new(&format!("/sys/class/net/{tap}")).exists(),
+        "{tap} removed"
+    );
+    let _ = sh("ip netns del r3peer");
+}
+
+/// 4 MiB over TCP from the peer's namespace to this side, every byte compared.
+fn tcp_transfer_checked() {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let listener = std::net::TcpListener::bind("10.44.0.1:0").expect("listening on the TAP");
+    let port = listener.local_addr().expect("the port").port();
+    let size = 4 << 20;
+    let byte = |i: usize| (i * 7 + i / 251) as u8;
+    // The sender: a thread that joins the peer's network namespace.
+    let sender = std::thread::spawn(move || {
+        use std::io::Write;
+        let ns = fs::File::open("/run/netns/r3peer").expect("the peer's namespace");
+        // SAFETY: setns(2) on an open namespace file, for this thread only.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "joining the peer's namespace");
+        let mut stream =
+            std::net::TcpStream::connect(("10.44.0.1", port)).expect("connecting across");
+        let data: Vec<u8> = (0..size).map(byte).collect();
+        stream.write_all(&data).expect("sending");
+    });
+    let (mut stream, _) = listener.accept().expect("the peer connects");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("a timeout");
+    let mut data = Vec::new();
+    stream.read_to_end(&mut data).expect("reading the transfer");
+    sender.join().expect("the sender");
+    assert_eq!(data.len(), size, "every byte arrived");
+    assert!(
+        data.iter().enumerate().all(|(i, &b)| b == byte(i)),
+        "and intact"
+    );
 }
