@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand};
 use ring3::pci::{PciAddress, Sysfs};
 use ring3::vfio::VfioBackend;
+use ring3_net::e1000e::{E1000e, E1000eOptions};
 use ring3_net::tap::{self, BridgeCounters, BridgeOptions, BridgeStats, Tap};
 use ring3_net::virtio::{VirtioNet, VirtioOptions};
 use ring3_net::NetDevice;
-use ring3d::control::{Request, Response};
-use serde::Serialize;
+use ring3d::control::{NetQueueCounters, Request, Response};
 
 use crate::daemon::SocketArg;
 use crate::CommandError;
@@ -174,12 +174,12 @@ fn open_and_run(driver: Driver, address: &str, command: NetCommand) -> Result<()
             run_on(driver, address, device, command)
         }
         Driver::E1000e => {
-            // TODO: open E1000e here once the driver is in.
-            Err(NetError(format!(
-                "{address}: the {} driver is not built into this ring3 yet",
-                driver.name()
-            ))
-            .into())
+            let options = E1000eOptions {
+                interrupts,
+                ..E1000eOptions::default()
+            };
+            let device = E1000e::new(backend, options)?;
+            run_on(driver, address, device, command)
         }
     }
 }
@@ -357,8 +357,7 @@ fn stats(address: &str, args: &StatsArgs) -> Result<(), CommandError> {
              bridged with `ring3 net {address} tap` prints its counters on its own terminal"
         ))
     })?;
-    // TODO: read the per-queue counters from the status answer once ring3d reports them.
-    let queues: Vec<QueueCounters> = Vec::new();
+    let queues = &device.net;
     if queues.is_empty() {
         return Err(NetError(format!(
             "ring3d drives {address} as `{}` ({}, {}) but reports no network counters for it \
@@ -368,36 +367,15 @@ fn stats(address: &str, args: &StatsArgs) -> Result<(), CommandError> {
         .into());
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&queues)?);
+        println!("{}", serde_json::to_string_pretty(queues)?);
     } else {
-        print!("{}", render_queue_table(&queues));
+        print!("{}", render_queue_table(queues));
     }
     Ok(())
 }
 
-/// One queue's counters, as `stats` prints them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct QueueCounters {
-    /// Queue pair number.
-    pub queue: u16,
-    /// Frames received.
-    pub rx_packets: u64,
-    /// Their bytes.
-    pub rx_bytes: u64,
-    /// Frames lost on the way in.
-    pub rx_drops: u64,
-    /// Frames sent.
-    pub tx_packets: u64,
-    /// Their bytes.
-    pub tx_bytes: u64,
-    /// Frames lost on the way out.
-    pub tx_drops: u64,
-    /// Device errors.
-    pub errors: u64,
-}
-
 /// The queues as a table, columns padded to their widest cell.
-fn render_queue_table(queues: &[QueueCounters]) -> String {
+fn render_queue_table(queues: &[NetQueueCounters]) -> String {
     let header = [
         "QUEUE",
         "RX PACKETS",
@@ -483,17 +461,17 @@ mod tests {
     #[test]
     fn the_queue_table_lines_up() {
         let queues = [
-            QueueCounters {
+            NetQueueCounters {
                 queue: 0,
                 rx_packets: 123_456,
                 rx_bytes: 9_876_543_210,
-                ..QueueCounters::default()
+                ..NetQueueCounters::default()
             },
-            QueueCounters {
+            NetQueueCounters {
                 queue: 1,
                 tx_drops: 7,
                 errors: 1,
-                ..QueueCounters::default()
+                ..NetQueueCounters::default()
             },
         ];
         let table = render_queue_table(&queues);

@@ -1,7 +1,7 @@
-//! Lab tests of `ring3 net ADDR tap` inside the lab VM (`cargo xtask test`): a
-//! virtio-net NIC driven by ring3 and bridged to a TAP interface (10.33.0.1/24), and an
-//! e1000e NIC driven by the kernel's own e1000e driver in a network namespace of its own
-//! (10.33.0.2/24). Both NICs sit on one QEMU hub, so traffic between the two addresses
+//! Lab tests of `ring3 net ADDR tap` inside the lab VM (`cargo xtask test`): a NIC driven
+//! by ring3 (a virtio-net, or an e1000e) and bridged to a TAP interface (10.33.0.1/24), and
+//! an e1000e NIC driven by the kernel's own e1000e driver in a network namespace of its own
+//! (10.33.0.2/24). All of them sit on one QEMU hub, so traffic between the two addresses
 //! leaves through one emulated NIC and comes in through the other.
 
 use std::fs;
@@ -123,16 +123,19 @@ fn interface_of(sysfs: &Sysfs, address: PciAddress) -> Option<String> {
 
 /// The two ends: ring3 bridging one hub NIC to a TAP, the kernel's e1000e driving another
 /// in namespace `r3peer`. Dropping it stops ring3 (SIGTERM), deletes the namespace and
-/// gives the virtio-net back to the kernel.
+/// gives ring3's NIC back to the kernel.
 struct Wire {
     ring3: Option<Child>,
     ring3_output: PathBuf,
-    virtio: Option<PciAddress>,
+    /// ring3's NIC, once bound to vfio-pci.
+    ours: Option<PciAddress>,
     _lock: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Wire {
-    fn set_up() -> Wire {
+    /// ring3 drives a hub NIC with `ids`: the last virtio-net, or the first e1000e (the
+    /// kernel takes the last e1000e).
+    fn set_up(ids: (u16, u16)) -> Wire {
         in_lab();
         let lock = LAB.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let sysfs = Sysfs::system();
@@ -142,7 +145,7 @@ impl Wire {
             ring3: None,
             ring3_output: std::env::temp_dir()
                 .join(format!("ring3-net-tap-{}.log", std::process::id())),
-            virtio: None,
+            ours: None,
             _lock: lock,
         };
         let _ = run("ip", &["netns", "del", PEER_NAMESPACE]);
@@ -192,20 +195,27 @@ impl Wire {
         peer(&["link", "set", &peer_interface, "up"]);
         peer(&["link", "set", "lo", "up"]);
 
-        // ring3's end: the last hub virtio-net, on vfio-pci, bridged to a TAP.
-        let virtio = hub_nics(&sysfs, VIRTIO_NET)
-            .pop()
-            .expect("lab setup: a virtio-net NIC on the hub");
+        // ring3's end, on vfio-pci, bridged to a TAP.
+        let mut candidates = hub_nics(&sysfs, ids);
+        let ours = if ids == E1000E {
+            candidates.first().cloned()
+        } else {
+            candidates.pop()
+        }
+        .expect("lab setup: a NIC for ring3 on the hub");
+        assert_ne!(
+            ours.address, e1000e.address,
+            "lab setup: two hub e1000e NICs"
+        );
         sysfs
-            .bind_to_vfio(virtio.address, false)
-            .expect("binding the virtio-net to vfio-pci");
-        let ring3_output =
-            std::env::temp_dir().join(format!("ring3-net-tap-{}.log", std::process::id()));
-        let log = fs::File::create(&ring3_output).expect("a log file");
+            .bind_to_vfio(ours.address, false)
+            .expect("binding ring3's NIC to vfio-pci");
+        wire.ours = Some(ours.address);
+        let log = fs::File::create(&wire.ring3_output).expect("a log file");
         let ring3 = Command::new(env!("CARGO_BIN_EXE_ring3"))
             .args([
                 "net",
-                &virtio.address.to_string(),
+                &ours.address.to_string(),
                 "tap",
                 "--name",
                 TAP_NAME,
@@ -275,8 +285,8 @@ impl Drop for Wire {
             let _ = child.wait();
         }
         let _ = run("ip", &["netns", "del", PEER_NAMESPACE]);
-        if let Some(virtio) = self.virtio {
-            let _ = Sysfs::system().unbind_from_vfio(virtio);
+        if let Some(ours) = self.ours {
+            let _ = Sysfs::system().unbind_from_vfio(ours);
         }
         let _ = fs::remove_file(&self.ring3_output);
     }
@@ -344,10 +354,8 @@ fn lab_net_tap_info_shows_the_nic() {
     assert!(text.contains("queue pairs  1"), "{text}");
 }
 
-#[test]
-#[ignore = "needs the lab VM: cargo xtask test"]
-fn lab_net_tap_ping_crosses_the_wire_to_the_kernels_e1000e() {
-    let mut wire = Wire::set_up();
+fn ping_through(ids: (u16, u16)) {
+    let mut wire = Wire::set_up(ids);
     let output = ping(PEER_IP);
     let received = replies(&output);
     let log = wire.stop_ring3();
@@ -358,6 +366,18 @@ fn lab_net_tap_ping_crosses_the_wire_to_the_kernels_e1000e() {
         String::from_utf8_lossy(&output.stdout)
     );
     assert!(log.contains("received "), "ring3 printed its totals: {log}");
+}
+
+#[test]
+#[ignore = "needs the lab VM: cargo xtask test"]
+fn lab_net_tap_ping_crosses_the_wire_to_the_kernels_e1000e() {
+    ping_through(VIRTIO_NET);
+}
+
+#[test]
+#[ignore = "needs the lab VM: cargo xtask test"]
+fn lab_net_tap_ping_from_ring3s_e1000e_to_the_kernels() {
+    ping_through(E1000E);
 }
 
 /// Bytes that differ at every offset and between the two directions.
@@ -421,7 +441,7 @@ fn serve_in_peer_namespace(reply: Vec<u8>) -> (u16, std::thread::JoinHandle<u64>
 #[ignore = "needs the lab VM: cargo xtask test"]
 fn lab_net_tap_tcp_transfer_both_ways_keeps_every_byte() {
     const MIB: usize = 1 << 20;
-    let mut wire = Wire::set_up();
+    let mut wire = Wire::set_up(VIRTIO_NET);
     let to_peer = pattern(4 * MIB, 1);
     let from_peer = pattern(4 * MIB, 2);
     let (port, server) = serve_in_peer_namespace(from_peer.clone());
