@@ -420,14 +420,18 @@ fn lab_interface_that_is_up_is_not_taken_unless_forced() {
     let nic = single(VIRTIO_NET);
     let address = nic.address.to_string();
     sh("modprobe virtio_net");
-    let net_dir = Sysfs::system()
-        .device_path(nic.address)
-        .join("virtio0")
-        .join("net");
+    // With several virtio devices the lone NIC's is not necessarily virtio0.
+    let device_dir = Sysfs::system().device_path(nic.address);
     let interface = (0..50)
         .find_map(|_| {
-            let name = std::fs::read_dir(&net_dir)
+            let virtio_dir = std::fs::read_dir(&device_dir)
                 .ok()?
+                .flatten()
+                .find(|entry| entry.file_name().to_string_lossy().starts_with("virtio"));
+            let name = virtio_dir
+                .and_then(|dir| std::fs::read_dir(dir.path().join("net")).ok())
+                .into_iter()
+                .flatten()
                 .flatten()
                 .next()
                 .map(|entry| entry.file_name().to_string_lossy().into_owned());

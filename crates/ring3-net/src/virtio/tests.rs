@@ -576,3 +576,17 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_16_bit_ring_indices_wrap() {
+    let (mut nic, model) = nic_with(Knobs::default(), options(1, 4));
+    let mut queue = nic.take_queue(0).unwrap();
+    // Past 65536 available and used entries on both rings.
+    let frames: Vec<Vec<u8>> = (0..4).map(|i| frame(i, 60)).collect();
+    for round in 0..16_500 {
+        assert_eq!(send(&mut queue, &frames), 4, "round {round}");
+        assert_eq!(receive_all(&mut queue, 8), frames, "round {round}");
+    }
+    assert_eq!(queue.stats().rx_packets, 66_000);
+    assert!(model.errors().is_empty(), "{:?}", model.errors());
+}
