@@ -201,13 +201,16 @@ impl<B: Backend> Device<B> {
 
 impl<B: Backend> Drop for Device<B> {
     fn drop(&mut self) {
+        // Before features were agreed the device cannot have queues running (and if its
+        // reset is what failed, a second one would only wait as long again).
+        if self.negotiated == 0 {
+            return;
+        }
         // Stop all DMA before the queues' memory goes.
         if let Err(error) = self.reset() {
             tracing::warn!(address = self.address(), %error, "virtio-net reset failed");
         }
-        if self.negotiated & features::F_VERSION_1 != 0 {
-            let _ = self.backend.set_bus_master(false);
-        }
+        let _ = self.backend.set_bus_master(false);
     }
 }
 
@@ -268,7 +271,14 @@ impl<B: Backend> VirtioNet<B> {
         device.set_status(status::ACKNOWLEDGE)?;
         device.set_status(status::DRIVER)?;
         // Steps 4 to 6: negotiate features, FEATURES_OK, and check the device kept it.
-        device.negotiated = negotiate(&device, options.queue_pairs)?;
+        device.negotiated = match negotiate(&device, options.queue_pairs) {
+            Ok(negotiated) => negotiated,
+            Err(error) => {
+                // Leave the device as we found it, for the next driver.
+                let _ = device.reset();
+                return Err(error);
+            }
+        };
         let device = Arc::new(device);
         // From here on, dropping `device` resets it.
 
