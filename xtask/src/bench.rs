@@ -7,6 +7,7 @@
 mod capture;
 mod host;
 mod hostload;
+pub mod net;
 pub mod nvme;
 mod outcome;
 mod plot;
@@ -31,6 +32,10 @@ pub enum BenchCommand {
     /// cost of the ublk hop), and how fast the device comes back after its driver process
     /// is killed; one lab VM; writes ublk.md and ublk.json to bench/results.
     Ublk(ublk::UblkArgs),
+    /// Packets per second between two emulated NICs through ring3's network driver,
+    /// DPDK's testpmd and the kernel's driver with pktgen, at 64 and 1500 bytes, in one
+    /// lab VM; writes net.md, net.json and net-pps.svg to bench/results.
+    Net(net::NetArgs),
 }
 
 impl BenchCommand {
@@ -39,6 +44,7 @@ impl BenchCommand {
         match self {
             BenchCommand::Nvme(args) => nvme::run(args),
             BenchCommand::Ublk(args) => ublk::run(args),
+            BenchCommand::Net(args) => net::run(args),
         }
     }
 }

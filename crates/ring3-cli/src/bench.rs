@@ -29,6 +29,8 @@ pub struct BenchArgs {
 pub enum BenchTarget {
     /// An NVMe namespace, with fio-like workloads.
     Nvme(NvmeBenchArgs),
+    /// Packets per second from one NIC to another (both on vfio-pci, on one network).
+    Net(crate::bench_net::NetBenchArgs),
 }
 
 /// The access pattern.
@@ -183,13 +185,16 @@ fn region(args: &NvmeBenchArgs, ns: &Namespace, max_transfer: usize) -> ring3::R
 }
 
 /// Runs `ring3 bench`.
-pub fn run(args: BenchArgs) -> ring3::Result<()> {
+pub fn run(args: BenchArgs) -> Result<(), crate::CommandError> {
     match args.target {
-        BenchTarget::Nvme(args) => nvme(args),
+        BenchTarget::Nvme(args) => nvme(args)?,
+        BenchTarget::Net(args) => crate::bench_net::run(args)?,
     }
+    Ok(())
 }
 
-fn cpu_seconds() -> (f64, f64) {
+/// The process's user and system CPU time so far, in seconds.
+pub(crate) fn cpu_seconds() -> (f64, f64) {
     // utime and stime are fields 14 and 15 of /proc/self/stat, after the command name
     // in parentheses (which may hold spaces).
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {

@@ -4,6 +4,7 @@
 //! for example `RUST_LOG=ring3=debug ring3 bind 0000:00:03.0`.
 
 mod bench;
+mod bench_net;
 mod daemon;
 mod edu;
 mod net;

@@ -104,7 +104,7 @@ fn parse_cidr(text: &str) -> Result<Cidr, String> {
 
 /// A `ring3 net` failure that is not a driver's or the system's error.
 #[derive(Debug)]
-pub struct NetError(String);
+pub struct NetError(pub(crate) String);
 
 impl fmt::Display for NetError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -148,7 +148,13 @@ pub fn run(args: NetArgs) -> Result<(), CommandError> {
     if let NetCommand::Stats(stats_args) = &args.command {
         return stats(&address, stats_args);
     }
-    let device = Sysfs::system().device(args.address)?;
+    let driver = driver_for(args.address)?;
+    open_and_run(driver, &address, args.command)
+}
+
+/// The ring3 driver for the NIC at `address`, by its PCI IDs.
+pub fn driver_for(address: PciAddress) -> Result<Driver, CommandError> {
+    let device = Sysfs::system().device(address)?;
     let driver = Driver::for_ids(device.vendor_id, device.device_id).ok_or_else(|| {
         NetError(format!(
             "{address} is {:04x}:{:04x}, which no ring3 network driver drives (virtio-net is \
@@ -156,7 +162,7 @@ pub fn run(args: NetArgs) -> Result<(), CommandError> {
             device.vendor_id, device.device_id
         ))
     })?;
-    open_and_run(driver, &address, args.command)
+    Ok(driver)
 }
 
 /// Opens the NIC with `driver` and runs `command` on it. `tap` asks for interrupts, so

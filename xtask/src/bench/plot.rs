@@ -1,5 +1,6 @@
 //! A small line chart as hand-written SVG: IOPS against queue depth, one line per driver
-//! and completion mode. The x axis is logarithmic (queue depths are powers of two).
+//! and completion mode, or any other rate against a positive quantity ([`Axes`]). The x
+//! axis is logarithmic (queue depths are powers of two).
 
 use std::fmt::Write as _;
 
@@ -14,6 +15,26 @@ pub struct Series {
     /// (queue depth, IOPS), in any order; depths must be positive.
     pub points: Vec<(u32, f64)>,
 }
+
+/// What the axes show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Axes<'a> {
+    /// Under the x axis.
+    pub x_label: &'a str,
+    /// Beside the y axis.
+    pub y_label: &'a str,
+    /// Before an x value in a point's tooltip (`QD`), and after a y value (`IOPS`).
+    pub x_prefix: &'a str,
+    pub y_unit: &'a str,
+}
+
+/// The NVMe chart's axes.
+const QUEUE_DEPTH_AXES: Axes<'static> = Axes {
+    x_label: "queue depth (log scale)",
+    y_label: "IOPS",
+    x_prefix: "QD",
+    y_unit: "IOPS",
+};
 
 const WIDTH: f64 = 760.0;
 const HEIGHT: f64 = 460.0;
@@ -61,8 +82,13 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The chart as a standalone SVG document.
+/// The IOPS-against-queue-depth chart as a standalone SVG document.
 pub fn iops_vs_queue_depth(title: &str, subtitle: &str, series: &[Series]) -> String {
+    line_chart(title, subtitle, &QUEUE_DEPTH_AXES, series)
+}
+
+/// A chart of `series` on `axes` as a standalone SVG document.
+pub fn line_chart(title: &str, subtitle: &str, axes: &Axes<'_>, series: &[Series]) -> String {
     let mut depths: Vec<u32> = series
         .iter()
         .flat_map(|s| s.points.iter().map(|&(qd, _)| qd))
@@ -150,14 +176,16 @@ pub fn iops_vs_queue_depth(title: &str, subtitle: &str, series: &[Series]) -> St
     );
     let _ = writeln!(
         svg,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">queue depth (log scale)</text>"#,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
         LEFT + plot_w / 2.0,
-        HEIGHT - 18.0
+        HEIGHT - 18.0,
+        escape(axes.x_label)
     );
     let _ = writeln!(
         svg,
-        r#"<text transform="translate(20,{:.1}) rotate(-90)" text-anchor="middle">IOPS</text>"#,
-        TOP + plot_h / 2.0
+        r#"<text transform="translate(20,{:.1}) rotate(-90)" text-anchor="middle">{}</text>"#,
+        TOP + plot_h / 2.0,
+        escape(axes.y_label)
     );
 
     // The lines, with a marker on each point.
@@ -190,12 +218,14 @@ pub fn iops_vs_queue_depth(title: &str, subtitle: &str, series: &[Series]) -> St
         for &(qd, iops) in &points {
             let _ = writeln!(
                 svg,
-                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{}"><title>{}: QD{qd}, {:.0} IOPS</title></circle>"#,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{}"><title>{}: {}{qd}, {:.0} {}</title></circle>"#,
                 x(qd),
                 y(iops),
                 s.color,
                 escape(&s.label),
-                iops
+                escape(axes.x_prefix),
+                iops,
+                escape(axes.y_unit)
             );
         }
     }

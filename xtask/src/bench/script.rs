@@ -125,6 +125,15 @@ impl Plan<'_> {
 /// under the kernel driver (`/dev/$disk`), the guest's facts as an `info` block, and
 /// `measure_fio` / `measure_kernel`.
 pub fn preamble(bench: &str, steps: usize) -> String {
+    let mut s = helpers(bench, steps);
+    nvme_preamble(&mut s);
+    s
+}
+
+/// The start of any bench's guest script: its scratch directory `$T`, the step counter
+/// and `say` (a numbered step), `emit` (a result file back to the host, see
+/// [`super::capture`]) and `show` (a tool's messages, indented).
+pub fn helpers(bench: &str, steps: usize) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -144,8 +153,16 @@ emit() {{
     echo "{TAG} end"
 }}
 # show FILE: a tool's messages, indented.
-show() {{ [ -s "$1" ] && sed 's/^/    /' "$1"; }}
-# find_disk: wait until the controller is on nvme and its namespace 1 has a block device.
+show() {{ [ -s "$1" ] && sed 's/^/    /' "$1"; }}"#
+    );
+    s
+}
+
+/// The NVMe part of [`preamble`].
+fn nvme_preamble(s: &mut String) {
+    let _ = writeln!(
+        s,
+        r#"# find_disk: wait until the controller is on nvme and its namespace 1 has a block device.
 find_disk() {{
     disk=
     tries=0
@@ -198,7 +215,6 @@ measure_fio() {{
 # measure_kernel ID DESCRIPTION FIO-OPTIONS...
 measure_kernel() {{ measure_fio kernel "/dev/$disk" "$@"; }}"#
     );
-    s
 }
 
 /// `measure_ring3` (`ring3 bench nvme` on the controller, reported as SOURCE), and

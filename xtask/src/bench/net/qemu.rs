@@ -1,0 +1,192 @@
+//! Where QEMU's CPU time went during each measurement, sampled on the host.
+//!
+//! Under TCG each vCPU is a host thread running translated guest code; the NICs' device
+//! models run in QEMU's main loop (the process's first thread): virtio-net's transmit
+//! bottom half, the hub and the receive path, and the e1000e's transmit and receive
+//! rings. The guest sends a `mark` block when a measurement starts and a `cpu` block when
+//! it ends; the host reads every QEMU thread's CPU time from `/proc` when each arrives.
+//! QEMU names its threads (`CPU 0/TCG`) when started with `-name ...,debug-threads=on`.
+
+use std::collections::HashMap;
+use std::fs;
+use std::time::Instant;
+
+/// QEMU's threads' CPU time at one moment, in clock ticks, by kind.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    at: Instant,
+    main_loop: u64,
+    vcpus: u64,
+    other: u64,
+}
+
+/// Each kind of QEMU thread's CPU time over a measurement, in percent of one host CPU.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QemuCpu {
+    /// The main loop thread: the device models, the hub, timers.
+    pub main_loop_percent: f64,
+    /// All vCPU threads together: the guest's code, translated.
+    pub vcpus_percent: f64,
+    /// The rest (RCU, I/O workers).
+    pub other_percent: f64,
+    pub seconds: f64,
+}
+
+/// The QEMU process this process started, if it is running.
+fn qemu_pid() -> Option<u32> {
+    let ours = std::process::id();
+    fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
+        let (name, rest) = split_stat(&stat)?;
+        let parent: u32 = rest.get(1)?.parse().ok()?;
+        (parent == ours && name.starts_with("qemu-system")).then_some(pid)
+    })
+}
+
+/// A `stat` file's command name and the fields after it (state first).
+fn split_stat(stat: &str) -> Option<(&str, Vec<&str>)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    Some((
+        &stat[open + 1..close],
+        stat[close + 1..].split_whitespace().collect(),
+    ))
+}
+
+/// utime + stime of a `stat` file's fields after the name (fields 14 and 15 of the file).
+fn cpu_ticks(fields: &[&str]) -> Option<u64> {
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// QEMU's threads now, or `None` if QEMU cannot be found.
+pub fn sample() -> Option<Sample> {
+    let pid = qemu_pid()?;
+    let mut sample = Sample {
+        at: Instant::now(),
+        main_loop: 0,
+        vcpus: 0,
+        other: 0,
+    };
+    for entry in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((name, fields)) = split_stat(&stat) else {
+            continue;
+        };
+        let Some(ticks) = cpu_ticks(&fields) else {
+            continue;
+        };
+        if tid == pid {
+            sample.main_loop += ticks;
+        } else if name.starts_with("CPU ") {
+            sample.vcpus += ticks;
+        } else {
+            sample.other += ticks;
+        }
+    }
+    Some(sample)
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
+
+/// QEMU's CPU use from `before` to `after`.
+pub fn between(before: &Sample, after: &Sample) -> Option<QemuCpu> {
+    let seconds = after.at.checked_duration_since(before.at)?.as_secs_f64();
+    if seconds <= 0.0 {
+        return None;
+    }
+    let ticks = ticks_per_second();
+    let percent = |a: u64, b: u64| 100.0 * b.saturating_sub(a) as f64 / ticks / seconds;
+    Some(QemuCpu {
+        main_loop_percent: percent(before.main_loop, after.main_loop),
+        vcpus_percent: percent(before.vcpus, after.vcpus),
+        other_percent: percent(before.other, after.other),
+        seconds,
+    })
+}
+
+/// Samples taken at each measurement's `mark`, and the results once its `cpu` block came.
+#[derive(Debug, Default)]
+pub struct Profiler {
+    started: HashMap<String, Sample>,
+    pub measured: HashMap<String, QemuCpu>,
+}
+
+impl Profiler {
+    /// A measurement `id` starts.
+    pub fn start(&mut self, id: &str) {
+        if let Some(sample) = sample() {
+            self.started.insert(id.to_string(), sample);
+        }
+    }
+
+    /// Measurement `id` ended.
+    pub fn stop(&mut self, id: &str) {
+        let Some(before) = self.started.remove(id) else {
+            return;
+        };
+        if let Some(cpu) = sample().and_then(|after| between(&before, &after)) {
+            self.measured.insert(id.to_string(), cpu);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_files_with_spaces_in_the_name() {
+        let stat = "4242 (CPU 0/TCG) R 4200 1 2 3 4 5 6 7 8 9 150 50 0 0 20 0 5 0 1 2 3";
+        let (name, fields) = split_stat(stat).expect("parses");
+        assert_eq!(name, "CPU 0/TCG");
+        assert_eq!(fields[1], "4200");
+        assert_eq!(cpu_ticks(&fields), Some(200));
+    }
+
+    #[test]
+    fn percent_of_one_cpu() {
+        let before = Sample {
+            at: Instant::now(),
+            main_loop: 0,
+            vcpus: 0,
+            other: 0,
+        };
+        let ticks = ticks_per_second() as u64;
+        let after = Sample {
+            at: before.at + std::time::Duration::from_secs(2),
+            main_loop: 2 * ticks,
+            vcpus: 3 * ticks,
+            other: 0,
+        };
+        let cpu = between(&before, &after).expect("computes");
+        assert!((cpu.main_loop_percent - 100.0).abs() < 1e-9, "{cpu:?}");
+        assert!((cpu.vcpus_percent - 150.0).abs() < 1e-9, "{cpu:?}");
+        assert!(between(&after, &before).is_none());
+    }
+
+    #[test]
+    fn no_qemu_here() {
+        // The unit tests start no QEMU.
+        assert!(sample().is_none());
+    }
+}
