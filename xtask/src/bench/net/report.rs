@@ -446,12 +446,15 @@ impl NetReport {
             s,
             "- VM: {}, `-machine q35,accel=tcg -cpu max -smp {} -m {}M`, `intel-iommu` with \
              interrupt remapping; two {} NICs on one hub (`-netdev hubport,hubid=0`) and \
-             nothing else on it; guest kernel {}.",
+             nothing else on it; guest kernel {}, clocksource `{}` (without the TSC, every \
+             clock read is a system call: `ring3 bench net` reads the clock once per 256 \
+             transmit calls; testpmd uses the TSC).",
             env.qemu.as_deref().unwrap_or("QEMU (version unknown)"),
             set.guest_cpus,
             set.guest_memory_mib,
             set.nic.name(),
-            env.guest("guest_kernel").unwrap_or(unknown)
+            env.guest("guest_kernel").unwrap_or(unknown),
+            env.guest("clocksource").unwrap_or(unknown)
         );
         let _ = writeln!(
             s,

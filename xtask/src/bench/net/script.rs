@@ -112,6 +112,7 @@ fi
     echo "rx_interface=$rxif"
     echo "kernel_driver=$(basename "$(readlink "/sys/class/net/$rxif/device/driver" 2>/dev/null)" 2>/dev/null)"
     echo "dpdk=$(dpkg-query -W -f '${{Version}}' dpdk-dev 2>/dev/null)"
+    echo "clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
     echo "cpus=$(nproc)"
     echo "memory_kib=$(awk '/^MemTotal:/ {{ print $2 }}' /proc/meminfo)"
 }} > "$T/info"
