@@ -40,10 +40,9 @@ const DRAIN: Duration = Duration::from_millis(500);
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 /// How long to wait for each NIC's link.
 const LINK_TIMEOUT: Duration = Duration::from_secs(5);
-/// The sender reads the clock once per this many transmit calls. Reading it is a system
-/// call when the kernel's clocksource has no vDSO path (a guest whose TSC the kernel does
-/// not trust, as under QEMU's TCG), and a sender spinning on a full ring would otherwise
-/// spend most of its time in it.
+/// The sender reads the clock once per this many transmit calls. Reading it can be a
+/// system call (in the lab's TCG guest strace shows `clock_gettime` entering the kernel),
+/// and a sender spinning on a full ring would otherwise spend most of its time in it.
 const CALLS_PER_CLOCK_READ: u64 = 256;
 
 /// Options of `ring3 bench net`.
