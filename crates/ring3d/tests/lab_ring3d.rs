@@ -678,6 +678,14 @@ fn lab_ring3d_nic_behind_a_tap_survives_a_driver_kill() {
     let net = &status["net"][0];
     assert!(net["rx_packets"].as_u64().unwrap_or(0) > 0, "{status}");
     assert!(net["tx_packets"].as_u64().unwrap_or(0) > 0, "{status}");
+    // `ring3 net ADDR stats` shows the same counters per queue.
+    let stats = ring3(&daemon.socket, &["net", ours, "stats", "--json"]);
+    assert!(stats.status.success());
+    let queues: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("JSON");
+    assert!(
+        queues[0]["rx_packets"].as_u64().unwrap_or(0) > 0,
+        "{queues}"
+    );
     daemon.stop();
     assert!(
         !Path::new(&format!("/sys/class/net/{tap}")).exists(),
