@@ -13,7 +13,10 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::ipc::{Channel, IpcError, ToDriver, ToHost, DRIVER_FD};
+use ring3::vfio::{VfioBackend, VfioFds};
+
+use crate::ipc::{Channel, IpcError, Setup, ToDriver, ToHost, DRIVER_FD};
+use crate::sandbox::Sandbox;
 
 pub use nvme::{memlock_estimate, plan_request, Planned};
 
@@ -54,6 +57,36 @@ fn run(channel: &Channel) -> Result<(), String> {
         "nvme" => nvme::run(channel, &setup, fds),
         _ => net::run(channel, &setup, fds),
     }
+}
+
+/// Takes the three VFIO files of the setup, enters the sandbox (everything after this
+/// reads what the device writes, so from here on there are no privileges) and rebuilds
+/// the device from the files.
+fn sandboxed_device(setup: &Setup, fds: Vec<OwnedFd>) -> Result<VfioBackend, String> {
+    let mut fds = fds.into_iter();
+    let (Some(container), Some(group), Some(device), None) =
+        (fds.next(), fds.next(), fds.next(), fds.next())
+    else {
+        return Err("the setup did not carry exactly the three VFIO files".into());
+    };
+    Sandbox {
+        uid: setup.uid,
+        gid: setup.gid,
+        memlock_bytes: setup.memlock_bytes,
+    }
+    .enter()
+    .map_err(|e| format!("could not enter the sandbox: {e}"))?;
+    tracing::info!(uid = setup.uid, driver = %setup.driver, "sandboxed; taking the device over");
+    VfioBackend::from_fds(
+        VfioFds {
+            container,
+            group,
+            device,
+            group_number: setup.group,
+        },
+        &setup.pci,
+    )
+    .map_err(|e| format!("taking over the VFIO device: {e}"))
 }
 
 /// A message the driver could not exchange with the host.

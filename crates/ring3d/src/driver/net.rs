@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ring3::vfio::{VfioBackend, VfioFds};
 use ring3_net::e1000e::{E1000e, E1000eOptions};
 use ring3_net::tap::{BridgeOptions, BridgeStats, Tap};
 use ring3_net::virtio::{VirtioNet, VirtioOptions};
@@ -16,33 +15,9 @@ use ring3_net::NetDevice;
 use super::ipc_failed;
 use crate::control::{IoCounters, NetQueueCounters};
 use crate::ipc::{Channel, Setup, ToDriver, ToHost};
-use crate::sandbox::Sandbox;
 
 pub(super) fn run(channel: &Channel, setup: &Setup, fds: Vec<OwnedFd>) -> Result<(), String> {
-    let mut fds = fds.into_iter();
-    let (Some(container), Some(group), Some(device), None) =
-        (fds.next(), fds.next(), fds.next(), fds.next())
-    else {
-        return Err("the setup did not carry exactly the three VFIO files".into());
-    };
-    Sandbox {
-        uid: setup.uid,
-        gid: setup.gid,
-        memlock_bytes: setup.memlock_bytes,
-    }
-    .enter()
-    .map_err(|e| format!("could not enter the sandbox: {e}"))?;
-    tracing::info!(uid = setup.uid, driver = %setup.driver, "sandboxed; bringing the NIC up");
-    let backend = VfioBackend::from_fds(
-        VfioFds {
-            container,
-            group,
-            device,
-            group_number: setup.group,
-        },
-        &setup.pci,
-    )
-    .map_err(|e| format!("taking over the VFIO device: {e}"))?;
+    let backend = super::sandboxed_device(setup, fds)?;
     match setup.driver.as_str() {
         "virtio-net" => {
             let nic = VirtioNet::new(

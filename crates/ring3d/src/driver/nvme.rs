@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use ring3::vfio::{VfioBackend, VfioFds};
+use ring3::vfio::VfioBackend;
 use ring3::DmaBuffer;
 use ring3_nvme::{
     Controller, ControllerOptions, Error as NvmeError, IoCompletion, IoQueue, IoQueueOptions,
@@ -26,7 +26,6 @@ use ring3_ublk::{Op, Queue, Request};
 use super::ipc_failed;
 use crate::control::IoCounters;
 use crate::ipc::{Channel, Hello, NamespaceInfo, ServeDevice, Setup, ToDriver, ToHost};
-use crate::sandbox::Sandbox;
 
 /// How often a command failed by a controller reset is tried again before the request
 /// fails with EIO.
@@ -46,32 +45,7 @@ const SPIN: Duration = Duration::from_micros(200);
 const SECTOR_SHIFT: u32 = 9;
 
 pub(super) fn run(channel: &Channel, setup: &Setup, fds: Vec<OwnedFd>) -> Result<(), String> {
-    let mut fds = fds.into_iter();
-    let (Some(container), Some(group), Some(device), None) =
-        (fds.next(), fds.next(), fds.next(), fds.next())
-    else {
-        return Err("the setup did not carry exactly the three VFIO files".into());
-    };
-    // Everything below reads what the device writes: from here on, no privileges.
-    Sandbox {
-        uid: setup.uid,
-        gid: setup.gid,
-        memlock_bytes: setup.memlock_bytes,
-    }
-    .enter()
-    .map_err(|e| format!("could not enter the sandbox: {e}"))?;
-    tracing::info!(uid = setup.uid, "sandboxed; bringing the controller up");
-
-    let backend = VfioBackend::from_fds(
-        VfioFds {
-            container,
-            group,
-            device,
-            group_number: setup.group,
-        },
-        &setup.pci,
-    )
-    .map_err(|e| format!("taking over the VFIO device: {e}"))?;
+    let backend = super::sandboxed_device(setup, fds)?;
     let controller = Controller::new(
         backend,
         ControllerOptions {
