@@ -38,6 +38,10 @@ pub const REPORT_FILE: &str = "net.md";
 pub const JSON_FILE: &str = "net.json";
 pub const CHART_FILE: &str = "net-pps.svg";
 
+/// Other processes' share of the host's CPU time during one run above which the report
+/// says that run was disturbed.
+const BUSY_HOST_PERCENT: f64 = 5.0;
+
 /// Frame sizes measured: the smallest Ethernet frame (64 bytes with its FCS, so 60
 /// without, which is what the drivers hand over) is spelled 64 by every tool here, as
 /// frames of 64 bytes before the FCS; and a full 1500-byte frame.
@@ -434,6 +438,15 @@ fn build_report(
     ));
     notes.extend(host::busy_host_note(environment.host_load));
     for m in &measurements {
+        if let Some(qemu) = m.qemu.filter(|q| q.host_others_percent > BUSY_HOST_PERCENT) {
+            notes.push(format!(
+                "While {} ran at {} bytes, other processes took {:.0}% of the host's CPU time: \
+                 that run is slowed, and its ratios with it.",
+                m.driver.label(),
+                m.size,
+                qemu.host_others_percent
+            ));
+        }
         if let Err(why) = &m.rates {
             notes.push(format!("{} at {} bytes: {why}", m.driver.label(), m.size));
         }

@@ -11,13 +11,16 @@ use std::collections::HashMap;
 use std::fs;
 use std::time::Instant;
 
-/// QEMU's threads' CPU time at one moment, in clock ticks, by kind.
+/// QEMU's threads' CPU time at one moment, in clock ticks, by kind, and the host's.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
     at: Instant,
     main_loop: u64,
     vcpus: u64,
     other: u64,
+    /// All the host's CPUs: busy (not idle, I/O wait or steal) and in all.
+    host_busy: u64,
+    host_total: u64,
 }
 
 /// Each kind of QEMU thread's CPU time over a measurement, in percent of one host CPU.
@@ -29,6 +32,9 @@ pub struct QemuCpu {
     pub vcpus_percent: f64,
     /// The rest (RCU, I/O workers).
     pub other_percent: f64,
+    /// The host's CPU time that went to other processes (not QEMU), in percent of all the
+    /// host's CPUs: what a busy host took from the measurement.
+    pub host_others_percent: f64,
     pub seconds: f64,
 }
 
@@ -61,14 +67,32 @@ fn cpu_ticks(fields: &[&str]) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// The aggregate `cpu` line of `/proc/stat`: busy ticks and all ticks.
+fn host_ticks(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+    let total: u64 = fields.iter().sum();
+    // idle, iowait and steal are not busy.
+    Some((total - field(3) - field(4) - field(7), total))
+}
+
 /// QEMU's threads now, or `None` if QEMU cannot be found.
 pub fn sample() -> Option<Sample> {
     let pid = qemu_pid()?;
+    let (host_busy, host_total) = host_ticks(&fs::read_to_string("/proc/stat").ok()?)?;
     let mut sample = Sample {
         at: Instant::now(),
         main_loop: 0,
         vcpus: 0,
         other: 0,
+        host_busy,
+        host_total,
     };
     for entry in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
         let Some(tid) = entry
@@ -116,10 +140,21 @@ pub fn between(before: &Sample, after: &Sample) -> Option<QemuCpu> {
     }
     let ticks = ticks_per_second();
     let percent = |a: u64, b: u64| 100.0 * b.saturating_sub(a) as f64 / ticks / seconds;
+    let qemu = |s: &Sample| s.main_loop + s.vcpus + s.other;
+    let host_total = after.host_total.saturating_sub(before.host_total) as f64;
+    let others = after
+        .host_busy
+        .saturating_sub(before.host_busy)
+        .saturating_sub(qemu(after).saturating_sub(qemu(before)));
     Some(QemuCpu {
         main_loop_percent: percent(before.main_loop, after.main_loop),
         vcpus_percent: percent(before.vcpus, after.vcpus),
         other_percent: percent(before.other, after.other),
+        host_others_percent: if host_total > 0.0 {
+            100.0 * others as f64 / host_total
+        } else {
+            0.0
+        },
         seconds,
     })
 }
@@ -170,17 +205,24 @@ mod tests {
             main_loop: 0,
             vcpus: 0,
             other: 0,
+            host_busy: 0,
+            host_total: 0,
         };
         let ticks = ticks_per_second() as u64;
+        // Two host CPUs for 2 s: 4 s of CPU time, 3.5 s busy, 0.5 s of it not QEMU's.
         let after = Sample {
             at: before.at + std::time::Duration::from_secs(2),
             main_loop: 2 * ticks,
-            vcpus: 3 * ticks,
+            vcpus: ticks,
             other: 0,
+            host_busy: 7 * ticks / 2,
+            host_total: 4 * ticks,
         };
         let cpu = between(&before, &after).expect("computes");
         assert!((cpu.main_loop_percent - 100.0).abs() < 1e-9, "{cpu:?}");
-        assert!((cpu.vcpus_percent - 150.0).abs() < 1e-9, "{cpu:?}");
+        assert!((cpu.vcpus_percent - 50.0).abs() < 1e-9, "{cpu:?}");
+        assert!((cpu.host_others_percent - 12.5).abs() < 1e-9, "{cpu:?}");
+        assert_eq!(host_ticks("cpu  10 0 5 80 2 1 1 1 0 0\n"), Some((17, 100)));
         assert!(between(&after, &before).is_none());
     }
 

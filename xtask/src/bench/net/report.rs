@@ -222,20 +222,20 @@ impl NetReport {
              emulated NICs live in QEMU's main loop thread: it takes frames off the \
              transmitting NIC's ring, passes them through the hub and writes them into the \
              receiving NIC's ring. The guest's CPU time comes from its `/proc/stat` around each \
-             run; QEMU's threads' CPU time was sampled on the host ({host_cpus} CPUs) at the \
-             start and end of each run. Percentages of QEMU's threads are of one host CPU; the \
+             run; QEMU's threads' CPU time, and the host's, was sampled on the host \
+             ({host_cpus} CPUs) at the start and end of each run. Percentages of QEMU's threads are of one host CPU; the \
              guest's are of all its {guest_cpus} vCPUs.\n"
         );
         let _ = writeln!(
             s,
-            "| frame | driver | guest CPU µs per frame | QEMU main loop µs per frame | QEMU main loop | QEMU vCPUs | all QEMU threads |"
+            "| frame | driver | guest CPU µs per frame | QEMU main loop µs per frame | QEMU main loop | QEMU vCPUs | all QEMU threads | host CPU taken by other processes |"
         );
-        let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|---:|");
         let micros = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "—".into());
         for m in &self.measurements {
             let _ = writeln!(
                 s,
-                "| {} B | {} | {} | {} | {} | {} | {} |",
+                "| {} B | {} | {} | {} | {} | {} | {} | {} |",
                 m.size,
                 m.driver.label(),
                 micros(m.guest_us_per_frame(guest_cpus)),
@@ -246,6 +246,9 @@ impl NetReport {
                     m.qemu
                         .map(|q| q.main_loop_percent + q.vcpus_percent + q.other_percent)
                 ),
+                m.qemu
+                    .map(|q| format!("{:.1}%", q.host_others_percent))
+                    .unwrap_or_else(|| "—".into()),
             );
         }
         s.push('\n');
@@ -697,6 +700,7 @@ mod tests {
                         main_loop_percent: 60.0,
                         vcpus_percent: 130.0,
                         other_percent: 1.0,
+                        host_others_percent: 0.5,
                         seconds: 3.0,
                     }),
                 });
@@ -745,6 +749,11 @@ mod tests {
             md.contains("(net-pps.svg)") && md.contains("abc1234"),
             "{md}"
         );
+        assert!(
+            md.contains("5.0% of the frames sent never arrived (3000 sequence gaps"),
+            "{md}"
+        );
+        assert!(md.contains("| 0.5% |"), "{md}");
         assert!(
             md.contains("- kernel + pktgen at 1500 bytes: failed"),
             "{md}"
