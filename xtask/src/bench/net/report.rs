@@ -308,11 +308,6 @@ impl NetReport {
     fn findings(&self) -> Vec<String> {
         let mut out = Vec::new();
         let host_cpus = self.environment.host_cpus.max(1) as f64;
-        // What the host had for this VM: its CPUs less what other processes took.
-        let available = self
-            .environment
-            .host_load
-            .map(|load| host_cpus * (100.0 - load.others_percent));
         for m in &self.measurements {
             if m.driver != Driver::Ring3 {
                 continue;
@@ -326,14 +321,13 @@ impl NetReport {
                  {:.0}%, the main loop (the device model) {:.0}%",
                 m.size, qemu.vcpus_percent, qemu.main_loop_percent,
             );
-            match available {
-                Some(available) => sentence.push_str(&format!(
-                    ", of the {available:.0}% the host's {host_cpus:.0} CPUs had left after \
-                     other processes."
-                )),
-                None => sentence.push('.'),
-            }
-            let saturated = available.is_some_and(|available| all >= 0.9 * available);
+            // What the host had for this VM: its CPUs less what other processes took.
+            let available = host_cpus * (100.0 - qemu.host_others_percent);
+            sentence.push_str(&format!(
+                ", of the {available:.0}% the host's {host_cpus:.0} CPUs had left after other \
+                 processes."
+            ));
+            let saturated = all >= 0.9 * available;
             if saturated {
                 sentence.push_str(
                     " QEMU got all the host CPU there was: the guest's two polling threads \
@@ -391,16 +385,17 @@ impl NetReport {
                     .unwrap_or(0);
                 if loss(ring3) >= 1.0 && loss(ring3) > 2.0 * loss(dpdk) {
                     out.push(format!(
-                        "{size} B: ring3's sender got {:.0} pps into its NIC, more than the \
-                         receiving NIC took ({:.0} pps), and {:.1}% of the frames sent never \
-                         arrived ({gaps} sequence gaps, {drops} drops counted by the receiving \
+                        "{size} B: ring3's sender got {} pps into its NIC, more than the \
+                         receiving NIC took ({} pps), and {:.1}% of the frames sent never \
+                         arrived ({} sequence gaps, {drops} drops counted by the receiving \
                          device): the hub does not hold the sender back, so the excess is \
                          dropped inside QEMU after the device model has carried it. DPDK's \
-                         txonly, with more work per frame, sent {:.0} pps and lost {:.1}%.",
-                        ring3.tx_pps,
-                        ring3.rx_pps,
+                         txonly sent {} pps and lost {:.1}%.",
+                        thousands(ring3.tx_pps),
+                        thousands(ring3.rx_pps),
                         loss(ring3),
-                        dpdk.tx_pps,
+                        thousands(gaps as f64),
+                        thousands(dpdk.tx_pps),
                         loss(dpdk)
                     ));
                 }
@@ -750,7 +745,7 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("5.0% of the frames sent never arrived (3000 sequence gaps"),
+            md.contains("5.0% of the frames sent never arrived (3,000 sequence gaps"),
             "{md}"
         );
         assert!(md.contains("| 0.5% |"), "{md}");
