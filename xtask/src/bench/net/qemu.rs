@@ -18,7 +18,8 @@ pub struct Sample {
     main_loop: u64,
     vcpus: u64,
     other: u64,
-    /// All the host's CPUs: busy (not idle, I/O wait or steal) and in all.
+    /// All the host's CPUs: time in processes (user, nice, system; not interrupts, which
+    /// no thread is charged for) and in all.
     host_busy: u64,
     host_total: u64,
 }
@@ -32,8 +33,9 @@ pub struct QemuCpu {
     pub vcpus_percent: f64,
     /// The rest (RCU, I/O workers).
     pub other_percent: f64,
-    /// The host's CPU time that went to other processes (not QEMU), in percent of all the
-    /// host's CPUs: what a busy host took from the measurement.
+    /// The host's CPU time that went to other processes (user and system time not in
+    /// QEMU's threads), in percent of all the host's CPUs: what a busy host took from the
+    /// measurement.
     pub host_others_percent: f64,
     pub seconds: f64,
 }
@@ -67,7 +69,7 @@ fn cpu_ticks(fields: &[&str]) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// The aggregate `cpu` line of `/proc/stat`: busy ticks and all ticks.
+/// The aggregate `cpu` line of `/proc/stat`: ticks spent in processes, and all ticks.
 fn host_ticks(stat: &str) -> Option<(u64, u64)> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let fields: Vec<u64> = line
@@ -78,8 +80,8 @@ fn host_ticks(stat: &str) -> Option<(u64, u64)> {
         .collect::<Option<_>>()?;
     let field = |i: usize| fields.get(i).copied().unwrap_or(0);
     let total: u64 = fields.iter().sum();
-    // idle, iowait and steal are not busy.
-    Some((total - field(3) - field(4) - field(7), total))
+    // user, nice and system: what the threads' utime and stime add up to.
+    Some((field(0) + field(1) + field(2), total))
 }
 
 /// QEMU's threads now, or `None` if QEMU cannot be found.
@@ -222,7 +224,7 @@ mod tests {
         assert!((cpu.main_loop_percent - 100.0).abs() < 1e-9, "{cpu:?}");
         assert!((cpu.vcpus_percent - 50.0).abs() < 1e-9, "{cpu:?}");
         assert!((cpu.host_others_percent - 12.5).abs() < 1e-9, "{cpu:?}");
-        assert_eq!(host_ticks("cpu  10 0 5 80 2 1 1 1 0 0\n"), Some((17, 100)));
+        assert_eq!(host_ticks("cpu  10 0 5 80 2 1 1 1 0 0\n"), Some((15, 100)));
         assert!(between(&after, &before).is_none());
     }
 
