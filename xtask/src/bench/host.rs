@@ -304,6 +304,12 @@ fn host_cpu_model() -> Option<String> {
         .filter(|model| !model.is_empty())
 }
 
+/// Creates the directory a bench writes its results into.
+pub(crate) fn create_output_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir)
+        .with_context(|| format!("could not create the output directory {}", dir.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -274,12 +274,7 @@ fn check_dpdk(nic: Nic) -> Result<()> {
 /// size, 1 when something is missing.
 pub fn run(args: NetArgs) -> Result<i32> {
     let config = Config::from_args(&args);
-    fs::create_dir_all(&config.output).with_context(|| {
-        format!(
-            "could not create the output directory {}",
-            config.output.display()
-        )
-    })?;
+    host::create_output_dir(&config.output)?;
 
     tasks::step("checking the host (QEMU, the guest kernel, DPDK's testpmd)");
     check_dpdk(args.nic)?;

@@ -162,12 +162,7 @@ impl Config {
 /// something is missing.
 pub fn run(args: UblkArgs) -> Result<i32> {
     let config = Config::from_args(&args)?;
-    fs::create_dir_all(&config.output).with_context(|| {
-        format!(
-            "could not create the output directory {}",
-            config.output.display()
-        )
-    })?;
+    host::create_output_dir(&config.output)?;
 
     tasks::step("checking the host (QEMU, the guest kernel, fio)");
     host::check_fio()?;
