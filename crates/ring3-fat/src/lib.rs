@@ -1,0 +1,1 @@
+//! A FAT file system served from user mode through FUSE (fuser + fatfs).

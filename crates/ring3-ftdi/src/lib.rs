@@ -1,0 +1,1 @@
+//! User-mode driver for FTDI FT232 USB serial adapters, exposed as a pseudo-terminal.

@@ -1,0 +1,1 @@
+//! User-mode driver for USB mass storage (Bulk-Only Transport, SCSI block commands).
