@@ -28,6 +28,7 @@ mod initramfs;
 mod kernel;
 mod modules;
 mod progress;
+pub mod usb;
 mod vm;
 
 use std::fmt;
@@ -67,7 +68,8 @@ pub enum LabDevice {
     /// An Intel 82574 (e1000e) NIC, on a hub shared only with the lab's other
     /// NICs.
     E1000e,
-    /// A qemu-xhci USB host controller.
+    /// A qemu-xhci USB host controller with two FT232 serial adapters and two mass
+    /// storage devices (see [`usb`]; at most one per VM).
     Usb,
 }
 
@@ -151,6 +153,9 @@ pub struct LabOptions {
     pub workdir: Option<PathBuf>,
     /// Print the QEMU command line before booting.
     pub verbose: bool,
+    /// After the VM exits, run `fsck.vfat -n` on the [`LabDevice::Usb`] FAT image and
+    /// check the files the FUSE lab test left on it; fail the run if either fails.
+    pub check_usb_fat: bool,
 }
 
 impl Default for LabOptions {
@@ -167,6 +172,7 @@ impl Default for LabOptions {
             env: Vec::new(),
             workdir: None,
             verbose: false,
+            check_usb_fat: false,
         }
     }
 }
@@ -415,6 +421,7 @@ impl LabArgs {
             env: self.env.clone(),
             workdir: None,
             verbose: self.verbose,
+            check_usb_fat: false,
         }
     }
 }

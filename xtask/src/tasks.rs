@@ -12,8 +12,11 @@ use crate::lab::{self, LabDevice, LabOptions};
 /// (0000:00:02.0) and an NVMe controller (0000:00:03.0; namespace 1 with 512-byte blocks,
 /// namespace 2 with 4096-byte blocks, no driver bound), each alone in its IOMMU group, and
 /// an e1000 and a virtio-net behind one PCIe-to-PCI bridge, so that they share an IOMMU
-/// group (for the group-safety test). Tests find devices by their IDs or class, not by
-/// these addresses.
+/// group (for the group-safety test), and a qemu-xhci USB controller with two FT232 serial
+/// adapters (serial strings `R3SERFILE`, `R3SERECHO`) and two mass storage devices (`R3RAW`,
+/// `R3FAT`), see [`lab::usb`]; xhci_pci is loaded but no USB class driver. Tests find
+/// devices by their IDs or class (USB ones by VID:PID:serial), not by these addresses.
+/// After the run, the FAT image is checked with `fsck.vfat -n` and for the FUSE test's files.
 pub fn test_lab_options(timeout: Option<Duration>) -> LabOptions {
     let mut qemu_args = Vec::new();
     for arg in [
@@ -38,10 +41,18 @@ pub fn test_lab_options(timeout: Option<Duration>) -> LabOptions {
             LabDevice::VirtioNet,
             LabDevice::E1000e,
             LabDevice::E1000e,
+            LabDevice::Usb,
         ],
         qemu_args,
         timeout,
-        extra_modules: vec!["ublk_drv".into(), "ext4".into(), "tun".into()],
+        extra_modules: vec![
+            "ublk_drv".into(),
+            "ext4".into(),
+            "tun".into(),
+            "xhci_pci".into(),
+            "fuse".into(),
+        ],
+        check_usb_fat: true,
         ..LabOptions::default()
     }
 }

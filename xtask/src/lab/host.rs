@@ -274,12 +274,15 @@ pub(crate) fn process_alive(pid: i32) -> bool {
 
 /// Debian packages the workspace needs on the host beyond Rust: libclang for the bindings
 /// of the ublk crate (bindgen), and the programs the lab tests run in the guest (which
-/// sees the host's file system): fio, mkfs.ext4 and ping.
+/// sees the host's file system): fio, mkfs.ext4 and ping; mkfs.vfat and fsck.vfat for the
+/// lab's USB FAT image (run on the host) and fusermount3 for the FUSE test in the guest.
 const BUILD_PACKAGES: &[(&str, &str)] = &[
     ("libclang-dev", ""),
     ("fio", "fio"),
     ("e2fsprogs", "mkfs.ext4"),
     ("iputils-ping", "ping"),
+    ("dosfstools", "mkfs.vfat"),
+    ("fuse3", "fusermount3"),
 ];
 
 fn package_installed(package: &str) -> bool {

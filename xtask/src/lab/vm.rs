@@ -17,6 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use super::initramfs::{
     error_marker, exit_marker, HOST_ROOT_TAG, NONCE_PARAM, RUN_PARAM, SHARE_PARAM,
 };
+use super::usb::{self, UsbFiles, UsbLab};
 use super::{host, modules};
 use super::{
     shell_quote, LabAssets, LabDevice, LabOptions, LabTimeout, NvmeNamespace,
@@ -57,8 +58,32 @@ pub(crate) fn run(
     let nonce = make_nonce();
     let bin_dir = run_dir.path.join("bin");
     write_modprobe_wrapper(assets, &bin_dir)?;
-    fs::write(&script, run_script(assets, opts, job, &bin_dir, &nonce)?)
-        .with_context(|| format!("could not write {}", script.display()))?;
+    // The USB devices' images and echo server must exist before QEMU starts.
+    let usb_count = opts
+        .devices
+        .iter()
+        .filter(|d| **d == LabDevice::Usb)
+        .count();
+    if usb_count > 1 {
+        bail!(
+            "the lab attaches at most one usb controller: tests tell its devices apart by \
+             their serial strings, which a second one would repeat"
+        );
+    }
+    let usb_lab = if usb_count == 1 {
+        Some(UsbLab::start(&run_dir.path)?)
+    } else {
+        None
+    };
+    let mut guest_env = Vec::new();
+    if let Some(usb_lab) = &usb_lab {
+        guest_env.extend(usb_lab.files.guest_env()?);
+    }
+    fs::write(
+        &script,
+        run_script(assets, opts, job, &bin_dir, &nonce, &guest_env)?,
+    )
+    .with_context(|| format!("could not write {}", script.display()))?;
 
     let interactive = matches!(job, Job::Shell);
     // A shell whose input is not a terminal (`echo cmd | ... lab shell`) gets
@@ -172,14 +197,39 @@ pub(crate) fn run(
         .join()
         .map_err(|_| anyhow!("the guest output reader panicked"))?;
     let qemu_stderr = stderr_reader.join().unwrap_or_default();
-    drop(run_dir);
+    let fat_image = usb_lab.map(|usb_lab| {
+        let image = usb_lab.files.fat_image.clone();
+        let echoed = usb_lab.stop();
+        if opts.verbose {
+            eprintln!("lab: the USB serial echo server sent back {echoed} bytes");
+        }
+        image
+    });
 
-    conclude(
+    let code = conclude(
         scan,
         status,
         &qemu_stderr,
         timed_out.then_some(opts.timeout).flatten(),
-    )
+    )?;
+    if let Some(image) = fat_image.filter(|_| opts.check_usb_fat) {
+        match usb::check_fat_image(&image) {
+            Ok(usb::FatCheck::CleanTestFilesIntact) => {
+                eprintln!("lab: the USB FAT image is clean and the FUSE test's files are intact");
+            }
+            Ok(usb::FatCheck::CleanNoTestFiles) => {
+                eprintln!("lab: the USB FAT image is clean (the FUSE test left no RING3/DONE)");
+            }
+            Err(err) => {
+                return Err(err.context(format!(
+                    "the USB FAT image failed its check after the run (the guest command \
+                     exited with status {code})"
+                )));
+            }
+        }
+    }
+    drop(run_dir);
+    Ok(code)
 }
 
 /// Copies this process's stdin to the guest shell once it is ready, then
@@ -362,6 +412,7 @@ fn run_script(
     job: &Job,
     bin_dir: &Path,
     nonce: &str,
+    device_env: &[(String, String)],
 ) -> Result<String> {
     let workdir = match &opts.workdir {
         Some(dir) => dir.clone(),
@@ -419,6 +470,7 @@ fn run_script(
         };
         env.push(("TERM".to_string(), term));
     }
+    env.extend(device_env.iter().cloned());
     env.extend(opts.env.iter().cloned());
     for (name, value) in &env {
         let _ = writeln!(s, "export {name}={}", q(value));
@@ -685,7 +737,13 @@ fn device_args(
                 arg("-netdev", format!("hubport,id=net{i},hubid=0"));
                 arg("-device", format!("e1000e,netdev=net{i},romfile="));
             }
-            LabDevice::Usb => arg("-device", format!("qemu-xhci,id=xhci{i}")),
+            LabDevice::Usb => {
+                for pair in usb::qemu_args(i, &UsbFiles::in_dir(run_dir))?.chunks(2) {
+                    if let [a, b] = pair {
+                        arg(a, b.clone());
+                    }
+                }
+            }
         }
     }
     Ok(args)
@@ -693,7 +751,7 @@ fn device_args(
 
 /// A fresh sparse image per run keeps runs independent (and concurrent runs
 /// free of QEMU's image locks).
-fn create_sparse_image(image: &Path, bytes: u64) -> Result<()> {
+pub(super) fn create_sparse_image(image: &Path, bytes: u64) -> Result<()> {
     let file =
         fs::File::create(image).with_context(|| format!("could not create {}", image.display()))?;
     file.set_len(bytes)
