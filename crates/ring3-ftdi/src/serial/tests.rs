@@ -1,0 +1,1 @@
+//! Tests of the termios mapping and of the bridge over a real pty with the fake FT232.
