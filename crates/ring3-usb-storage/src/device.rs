@@ -294,7 +294,7 @@ impl<T: UsbTransport> MassStorage<T> {
 }
 
 /// READ/WRITE(10) when the LBA and count fit, else (16).
-fn rw_command(op_10: u8, op_16: u8, lba: u64, blocks: usize) -> (&'static str, Vec<u8>) {
+pub(crate) fn rw_command(op_10: u8, op_16: u8, lba: u64, blocks: usize) -> (&'static str, Vec<u8>) {
     match (u32::try_from(lba), u16::try_from(blocks)) {
         (Ok(lba), Ok(blocks)) => (
             if op_10 == opcode::READ_10 {

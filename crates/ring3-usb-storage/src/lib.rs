@@ -34,7 +34,7 @@
 //! - [`MassStorage`]: a logical unit as an array of blocks: checked requests, split into
 //!   commands of at most [`MassStorage::max_transfer_bytes`], errors that name the
 //!   sense key and additional sense code.
-//! - `fake`: an in-process Bulk-Only device with an in-memory disk and fault injection,
+//! - [`fake`]: an in-process Bulk-Only device with an in-memory disk and fault injection,
 //!   for tests of this crate and of crates built on it.
 //!
 //! Nothing the device sends is trusted: short or overlong data, a residue that does not
@@ -44,7 +44,10 @@ pub mod bot;
 mod device;
 mod endpoints;
 mod error;
+pub mod fake;
 pub mod scsi;
+#[cfg(test)]
+mod tests;
 
 pub use device::{MassStorage, MassStorageOptions, DEFAULT_MAX_TRANSFER_BYTES, MAX_TRANSFER_LIMIT};
 pub use endpoints::BulkEndpoints;
