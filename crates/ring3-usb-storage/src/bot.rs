@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use ring3_usb::{ControlRequest, Recipient, RequestType, TransferError, UsbTransport};
 
-use crate::endpoints::BulkEndpoints;
 use crate::error::{Result, StorageError};
+use ring3_usb::BulkEndpoints;
 
 /// `dCBWSignature`: "USBC" in little-endian (§5.1).
 pub const CBW_SIGNATURE: u32 = 0x4342_5355;

@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 use ring3_usb::UsbTransport;
 
 use crate::bot::{BotTimeouts, BulkOnly, CswStatus, DataStage};
-use crate::endpoints::BulkEndpoints;
 use crate::error::{Result, StorageError};
 use crate::scsi::{self, opcode, Capacity, InquiryData, Sense, SenseKey};
+use ring3_usb::BulkEndpoints;
 
 /// The default largest transfer of one command: 128 KiB, what common flash drives and
 /// Linux's usb-storage use.

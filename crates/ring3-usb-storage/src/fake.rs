@@ -28,8 +28,8 @@ use crate::bot::{
     CommandBlockWrapper, CommandStatusWrapper, CswStatus, Direction, CBW_LEN, CSW_LEN,
     REQUEST_GET_MAX_LUN, REQUEST_RESET,
 };
-use crate::endpoints::BulkEndpoints;
 use crate::scsi::opcode;
+use ring3_usb::BulkEndpoints;
 
 /// The model's interface number.
 pub const INTERFACE: u8 = 0;

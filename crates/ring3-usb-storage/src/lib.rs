@@ -42,7 +42,6 @@
 
 pub mod bot;
 mod device;
-mod endpoints;
 mod error;
 pub mod fake;
 pub mod scsi;
@@ -50,6 +49,6 @@ pub mod scsi;
 mod tests;
 
 pub use device::{MassStorage, MassStorageOptions, DEFAULT_MAX_TRANSFER_BYTES, MAX_TRANSFER_LIMIT};
-pub use endpoints::BulkEndpoints;
 pub use error::{Result, StorageError};
+pub use ring3_usb::BulkEndpoints;
 pub use scsi::{InquiryData, Sense, SenseKey};
