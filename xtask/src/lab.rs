@@ -391,6 +391,11 @@ pub struct LabArgs {
     #[arg(short, long)]
     pub verbose: bool,
 
+    /// After the run, check the usb device's FAT image: `fsck.vfat -n`, and the files of
+    /// the FUSE lab test if it left `RING3/DONE` (as `cargo xtask test` does).
+    #[arg(long)]
+    pub check_usb_fat: bool,
+
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(128..))]
@@ -421,7 +426,7 @@ impl LabArgs {
             env: self.env.clone(),
             workdir: None,
             verbose: self.verbose,
-            check_usb_fat: false,
+            check_usb_fat: self.check_usb_fat,
         }
     }
 }
