@@ -170,6 +170,17 @@ impl StorageError {
         }
     }
 
+    /// Whether this handle is beyond use: the device is gone, or Reset Recovery failed so
+    /// the driver and the device are out of step. Only reopening the device (after a USB
+    /// port reset or a re-plug) can go on. Other errors, including timeouts and protocol
+    /// errors after a successful Reset Recovery, leave the handle usable.
+    pub fn needs_restart(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Disconnected { .. } | StorageError::ResetFailed { .. }
+        )
+    }
+
     /// Whether the device is gone, so that retrying on this handle cannot help.
     pub fn is_disconnected(&self) -> bool {
         matches!(

@@ -67,6 +67,8 @@ pub struct FakeConfig {
     pub write_protected: bool,
     /// SYNCHRONIZE CACHE fails with ILLEGAL REQUEST, invalid operation code.
     pub no_synchronize_cache: bool,
+    /// The Bulk-Only Mass Storage Reset request stalls (a device that cannot recover).
+    pub stall_reset: bool,
     /// READ CAPACITY(10) answers these raw 8 bytes instead of the real capacity.
     pub read_capacity_10_override: Option<Vec<u8>>,
     /// READ CAPACITY(16) answers these raw bytes instead of the real capacity.
@@ -90,6 +92,7 @@ impl Default for FakeConfig {
             descriptor_sense: false,
             write_protected: false,
             no_synchronize_cache: false,
+            stall_reset: false,
             read_capacity_10_override: None,
             read_capacity_16_override: None,
         }
@@ -736,7 +739,7 @@ impl UsbTransport for FakeMassStorage {
             && request.value == 0
             && request.index == u16::from(INTERFACE)
             && data.is_empty();
-        if !is_reset {
+        if !is_reset || state.config.stall_reset {
             return Err(TransferError::Stall);
         }
         // §3.1: ready for the next CBW; the halts stay until the host clears them.

@@ -812,3 +812,27 @@ impl XorShift {
         self.0
     }
 }
+
+#[test]
+fn a_failed_reset_recovery_needs_a_restart() {
+    let (device, disk) = open(FakeConfig::default());
+    device.inject(Fault::PhaseError);
+    let error = disk.read(0, &mut [0; 512]).expect_err("phase error");
+    assert!(!error.needs_restart(), "a recovered phase error: {error}");
+    device.configure(|config| config.stall_reset = true);
+    device.inject(Fault::PhaseError);
+    let error = disk
+        .read(0, &mut [0; 512])
+        .expect_err("phase error, reset refused");
+    assert!(matches!(error, StorageError::ResetFailed { .. }), "{error}");
+    assert!(error.needs_restart(), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("Bulk-Only Mass Storage Reset failed"),
+        "{error}"
+    );
+    device.inject(Fault::Disconnect);
+    let error = disk.read(0, &mut [0; 512]).expect_err("gone");
+    assert!(error.needs_restart(), "{error}");
+}
