@@ -42,6 +42,21 @@ impl Default for Endpoints {
     }
 }
 
+impl From<&ring3_usb::BulkEndpoints> for Endpoints {
+    fn from(endpoints: &ring3_usb::BulkEndpoints) -> Self {
+        Endpoints {
+            bulk_in: endpoints.bulk_in,
+            bulk_out: endpoints.bulk_out,
+        }
+    }
+}
+
+impl From<ring3_usb::BulkEndpoints> for Endpoints {
+    fn from(endpoints: ring3_usb::BulkEndpoints) -> Self {
+        Endpoints::from(&endpoints)
+    }
+}
+
 /// Counters of one [`Ft232`] since it was created.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ft232Stats {
@@ -438,4 +453,206 @@ fn add_counts(total: &mut FramingCounts, more: &FramingCounts) {
     total.breaks += more.breaks;
     total.fifo_errors += more.fifo_errors;
     total.short_packets += more.short_packets;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{FakeFt232, BULK_IN, BULK_OUT};
+    use crate::protocol::{DataBits, Parity, StopBits};
+    use std::sync::Arc;
+
+    const SHORT: Duration = Duration::from_millis(50);
+
+    fn port(fake: &Arc<FakeFt232>) -> Ft232<Arc<FakeFt232>> {
+        Ft232::new(fake.clone(), Endpoints::default()).unwrap()
+    }
+
+    #[test]
+    fn new_resets_and_sets_9600_8n1_with_dtr_rts() {
+        let fake = Arc::new(FakeFt232::new());
+        let _port = port(&fake);
+        let settings = fake.settings();
+        assert_eq!(settings.resets, 1);
+        assert_eq!(settings.requests[0], (SIO_RESET, 0, 0));
+        assert_eq!(settings.baud, Some(9600));
+        assert_eq!(settings.data_value, Some(8));
+        assert_eq!(settings.flow, 0);
+        assert!(settings.dtr && settings.rts);
+    }
+
+    #[test]
+    fn endpoints_must_exist() {
+        let fake = FakeFt232::new();
+        let endpoints = Endpoints {
+            bulk_in: 0x83,
+            bulk_out: BULK_OUT,
+        };
+        assert!(matches!(
+            Ft232::new(fake, endpoints),
+            Err(FtdiError::NoEndpoint(0x83))
+        ));
+    }
+
+    #[test]
+    fn line_flow_and_modem_requests() {
+        let fake = Arc::new(FakeFt232::new());
+        let port = port(&fake);
+        let line = LineSettings {
+            baud: 115_200,
+            data_bits: DataBits::Seven,
+            parity: Parity::Odd,
+            stop_bits: StopBits::Two,
+        };
+        assert_eq!(port.set_line(&line).unwrap(), 115_385);
+        port.set_flow_control(FlowControl::XonXoff {
+            xon: 0x11,
+            xoff: 0x13,
+        })
+        .unwrap();
+        port.set_modem_lines(false, true).unwrap();
+        port.set_latency_timer(2).unwrap();
+        port.set_break(&line, true).unwrap();
+        let settings = fake.settings();
+        assert_eq!(settings.baud, Some(115_385));
+        assert_eq!(settings.data_bits, Some(7));
+        assert_eq!(settings.parity, Some(1));
+        assert_eq!(settings.stop_bits, Some(2));
+        assert!(settings.break_on);
+        assert_eq!(settings.flow, 4);
+        assert_eq!(settings.xon_xoff, Some((0x11, 0x13)));
+        assert!(!settings.dtr && settings.rts);
+        assert_eq!(port.latency_timer().unwrap(), 2);
+        let requests = fake.settings().requests;
+        // A refused rate changes nothing.
+        assert!(matches!(
+            port.set_line(&LineSettings {
+                baud: 2_500_000,
+                ..line
+            }),
+            Err(FtdiError::UnsupportedBaud { .. })
+        ));
+        assert_eq!(fake.settings().requests, requests);
+    }
+
+    #[test]
+    fn read_strips_status_and_keeps_what_does_not_fit() {
+        let fake = Arc::new(FakeFt232::new());
+        let port = port(&fake);
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        fake.receive(&data);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 10]; // smaller than a packet's payload
+        while got.len() < data.len() {
+            let n = port.read(&mut buf, SHORT).unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, data);
+        let stats = port.stats();
+        assert_eq!(stats.bytes_read, 1000);
+        assert_eq!(stats.packets, 1000u64.div_ceil(62));
+        assert_eq!(port.read(&mut buf, SHORT).unwrap(), 0);
+        assert!(port.last_status().unwrap().modem.contains(ModemStatus::CTS));
+    }
+
+    #[test]
+    fn status_only_packets_are_not_data() {
+        let fake = Arc::new(FakeFt232::new());
+        fake.set_status_only_packets(true);
+        let port = port(&fake);
+        let mut buf = [0u8; 256];
+        assert_eq!(port.read(&mut buf, SHORT).unwrap(), 0);
+        fake.receive(b"abc");
+        assert_eq!(port.read(&mut buf, SHORT).unwrap(), 3);
+        assert_eq!(&buf[..3], b"abc");
+        assert!(port.stats().packets > 1);
+    }
+
+    #[test]
+    fn garbage_and_errors_are_counted_not_fatal() {
+        let fake = Arc::new(FakeFt232::new());
+        let port = port(&fake);
+        let mut buf = [0u8; 4096];
+        // A lone byte (shorter than the status), then a packet flagging a parity and a
+        // framing error, then an overrun with data.
+        fake.push_raw_in(vec![0x31]);
+        fake.push_raw_in(vec![0x31, 0x6c]);
+        assert_eq!(port.read(&mut buf, SHORT).unwrap(), 0);
+        fake.flag_next_packet(0x02);
+        fake.receive(b"xy");
+        assert_eq!(port.read(&mut buf, SHORT).unwrap(), 2);
+        let stats = port.stats();
+        assert_eq!(stats.short_packets, 1);
+        assert_eq!(stats.parity_errors, 1);
+        assert_eq!(stats.framing_errors, 1);
+        assert_eq!(stats.overrun_errors, 1);
+        // A stall is reported (and the halt cleared); a timeout is just no data.
+        fake.push_in_error(TransferError::Stall);
+        assert!(matches!(
+            port.read(&mut buf, SHORT),
+            Err(FtdiError::Bulk {
+                source: TransferError::Stall,
+                ..
+            })
+        ));
+        fake.push_in_error(TransferError::Timeout);
+        assert_eq!(port.read(&mut buf, SHORT).unwrap(), 0);
+        fake.disconnect();
+        assert!(port.read(&mut buf, SHORT).unwrap_err().is_disconnected());
+        assert!(port.write(b"a", SHORT).unwrap_err().is_disconnected());
+    }
+
+    #[test]
+    fn oversized_transfer_is_a_fault() {
+        let fake = Arc::new(FakeFt232::new());
+        let port = port(&fake);
+        fake.push_raw_in(vec![0; 64 * 64 + 1]);
+        let mut buf = [0u8; 1 << 20];
+        assert!(port.read(&mut buf, SHORT).is_err());
+    }
+
+    #[test]
+    fn write_and_modem_status() {
+        let fake = Arc::new(FakeFt232::new());
+        let port = port(&fake);
+        assert_eq!(port.write(b"hello", SHORT).unwrap(), 5);
+        assert_eq!(fake.take_sent(), b"hello");
+        assert_eq!(port.stats().bytes_written, 5);
+        fake.set_modem_status(0xb1);
+        let status = port.modem_status().unwrap();
+        assert_eq!(status.modem, ModemStatus::from_bits_retain(0xb1));
+        assert!(status
+            .modem
+            .contains(ModemStatus::DCD | ModemStatus::DSR | ModemStatus::CTS));
+        assert_eq!(port.last_status(), Some(status));
+        let _ = BULK_IN;
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_in_transfers_never_panic(
+            transfers in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), 0..8),
+        ) {
+            let fake = Arc::new(FakeFt232::new());
+            let port = port(&fake);
+            let mut expected = Vec::new();
+            for transfer in &transfers {
+                fake.push_raw_in(transfer.clone());
+                for packet in transfer.chunks(64) {
+                    if packet.len() >= 2 {
+                        expected.extend_from_slice(&packet[2..]);
+                    }
+                }
+            }
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            for _ in 0..transfers.len() * 2 + 1 {
+                if let Ok(n) = port.read(&mut buf, Duration::from_millis(1)) {
+                    got.extend_from_slice(&buf[..n]);
+                }
+            }
+            proptest::prop_assert_eq!(got, expected);
+        }
+    }
 }
