@@ -287,6 +287,21 @@ impl<T: UsbTransport> MassStorage<T> {
         }
     }
 
+    /// Runs any SCSI command on the logical unit (a pass-through for commands this driver
+    /// has no method for): `command` names it in errors, `cdb` is its command block (1 to
+    /// 16 bytes), `data` its data stage. Returns how many bytes moved in the data stage.
+    /// CHECK CONDITION comes back as [`StorageError::CommandFailed`] with the sense.
+    pub fn scsi_command(
+        &self,
+        command: &'static str,
+        cdb: &[u8],
+        data: DataStage<'_>,
+    ) -> Result<usize> {
+        let outcome = self.bot.execute(command, self.lun, cdb, data)?;
+        finish(&self.bot, self.lun, command, outcome)?;
+        Ok(outcome.transferred)
+    }
+
     /// TEST UNIT READY once: `Ok` when the unit is ready, the sense otherwise.
     pub fn test_unit_ready(&self) -> Result<()> {
         test_unit_ready(&self.bot, self.lun)

@@ -836,3 +836,28 @@ fn a_failed_reset_recovery_needs_a_restart() {
     let error = disk.read(0, &mut [0; 512]).expect_err("gone");
     assert!(error.needs_restart(), "{error}");
 }
+
+#[test]
+fn pass_through_commands_report_the_devices_sense() {
+    let (_device, disk) = open(FakeConfig::default());
+    let cdb = crate::scsi::rw_10(opcode::READ_10, 2048, 1);
+    let mut buf = [0; 512];
+    let error = disk
+        .scsi_command("READ(10)", &cdb, crate::bot::DataStage::In(&mut buf))
+        .expect_err("past the end");
+    let sense = error.sense().expect("sense");
+    assert_eq!((sense.key, sense.asc), (SenseKey::ILLEGAL_REQUEST, 0x21));
+    assert!(
+        error
+            .to_string()
+            .contains("logical block address out of range"),
+        "{error}"
+    );
+    let cdb = crate::scsi::inquiry(36);
+    let mut data = [0; 36];
+    let len = disk
+        .scsi_command("INQUIRY", &cdb, crate::bot::DataStage::In(&mut data))
+        .expect("inquiry");
+    assert_eq!(len, 36);
+    assert_eq!(&data[8..13], b"RING3");
+}
