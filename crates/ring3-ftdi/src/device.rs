@@ -64,6 +64,10 @@ pub struct Ft232Stats {
     pub bytes_read: u64,
     /// Bytes the chip accepted for transmission.
     pub bytes_written: u64,
+    /// Bulk IN transfers that completed (with data or status only).
+    pub read_transfers: u64,
+    /// Bulk OUT transfers that completed.
+    pub write_transfers: u64,
     /// IN packets, each with its two status bytes.
     pub packets: u64,
     /// Packets flagging an overrun (characters the chip lost).
@@ -80,9 +84,22 @@ pub struct Ft232Stats {
     pub short_packets: u64,
 }
 
+impl Ft232Stats {
+    /// Packets flagging any line error: overrun, parity, framing, FIFO error or break.
+    pub fn line_errors(&self) -> u64 {
+        self.overrun_errors
+            + self.parity_errors
+            + self.framing_errors
+            + self.fifo_errors
+            + self.breaks
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     bytes_written: AtomicU64,
+    read_transfers: AtomicU64,
+    write_transfers: AtomicU64,
     framing: Mutex<FramingCounts>,
 }
 
@@ -328,6 +345,8 @@ impl<T: UsbTransport> Ft232<T> {
         Ft232Stats {
             bytes_read: framing.payload_bytes,
             bytes_written: self.counters.bytes_written.load(Ordering::Relaxed),
+            read_transfers: self.counters.read_transfers.load(Ordering::Relaxed),
+            write_transfers: self.counters.write_transfers.load(Ordering::Relaxed),
             packets: framing.packets,
             overrun_errors: framing.overrun_errors,
             parity_errors: framing.parity_errors,
@@ -394,6 +413,7 @@ impl<T: UsbTransport> Ft232<T> {
                     })
                 }
             };
+            self.counters.read_transfers.fetch_add(1, Ordering::Relaxed);
             payload.clear();
             *consumed = 0;
             let mut counts = FramingCounts::default();
@@ -426,6 +446,9 @@ impl<T: UsbTransport> Ft232<T> {
         {
             Ok(n) => {
                 let n = n.min(data.len());
+                self.counters
+                    .write_transfers
+                    .fetch_add(1, Ordering::Relaxed);
                 self.counters
                     .bytes_written
                     .fetch_add(n as u64, Ordering::Relaxed);

@@ -337,6 +337,10 @@ const IN_CHUNK: usize = 16 * 1024;
 ///   read and changes applied ([`settings_from_termios`]); with `HUPCL`, DTR and RTS
 ///   drop while no process has the slave open and rise when one opens it.
 ///
+/// The pty's settings win: the bridge starts by applying them to the chip (set the
+/// initial rate with [`set_baud`] on the pty, not on the chip), and a pty kept across
+/// driver restarts keeps what applications set.
+///
 /// The master fd may come from another process; it is switched to non-blocking mode
 /// (which affects every holder of the same open file description). While no process has
 /// the slave open, reading the master fails (`EIO`) and polling it reports a hang-up;
