@@ -15,6 +15,7 @@ mod report;
 mod results;
 mod script;
 pub mod ublk;
+pub mod usb;
 mod workload;
 
 use anyhow::Result;
@@ -36,6 +37,10 @@ pub enum BenchCommand {
     /// DPDK's testpmd and the kernel's driver with pktgen, at 64 and 1500 bytes, in one
     /// lab VM; writes net.md, net.json and net-pps.svg to bench/results.
     Net(net::NetArgs),
+    /// ring3's USB mass storage driver run by ring3d and exposed as a ublk block device,
+    /// against the kernel's `usb-storage` driver (fio with io_uring on both), on the lab's
+    /// emulated USB stick in one lab VM; writes usb.md and usb.json to bench/results.
+    Usb(usb::UsbArgs),
 }
 
 impl BenchCommand {
@@ -45,6 +50,7 @@ impl BenchCommand {
             BenchCommand::Nvme(args) => nvme::run(args),
             BenchCommand::Ublk(args) => ublk::run(args),
             BenchCommand::Net(args) => net::run(args),
+            BenchCommand::Usb(args) => usb::run(args),
         }
     }
 }

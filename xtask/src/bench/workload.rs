@@ -11,6 +11,7 @@ pub enum Pattern {
     RandRead,
     RandWrite,
     SeqRead,
+    SeqWrite,
 }
 
 impl Pattern {
@@ -20,6 +21,7 @@ impl Pattern {
             Pattern::RandRead => "randread",
             Pattern::RandWrite => "randwrite",
             Pattern::SeqRead => "read",
+            Pattern::SeqWrite => "write",
         }
     }
 
@@ -28,6 +30,7 @@ impl Pattern {
             Pattern::RandRead => "random read",
             Pattern::RandWrite => "random write",
             Pattern::SeqRead => "sequential read",
+            Pattern::SeqWrite => "sequential write",
         }
     }
 
@@ -35,7 +38,7 @@ impl Pattern {
     pub fn direction(self) -> Direction {
         match self {
             Pattern::RandRead | Pattern::SeqRead => Direction::Read,
-            Pattern::RandWrite => Direction::Write,
+            Pattern::RandWrite | Pattern::SeqWrite => Direction::Write,
         }
     }
 }
