@@ -7,6 +7,7 @@ mod bench;
 mod bench_net;
 mod daemon;
 mod edu;
+mod mount_fat;
 mod net;
 mod nvme;
 mod pci;
@@ -38,6 +39,8 @@ enum Command {
     Unbind(pci::UnbindArgs),
     /// Drive QEMU's edu test device.
     Edu(edu::EduArgs),
+    /// Serve the FAT file system on a device (a USB stick) or image through FUSE, until unmounted.
+    MountFat(mount_fat::MountFatArgs),
     /// Drive an NVMe controller: identify, read, write, trim, SMART log.
     Nvme(nvme::NvmeArgs),
     /// Drive a network card: show it, bridge it to a TAP interface, show its counters.
@@ -61,6 +64,7 @@ fn run(command: Command) -> Result<(), CommandError> {
         Command::Bind(args) => pci::bind(args)?,
         Command::Unbind(args) => pci::unbind(args)?,
         Command::Edu(args) => edu::run(args)?,
+        Command::MountFat(args) => mount_fat::run(args)?,
         Command::Nvme(args) => nvme::run(args)?,
         Command::Net(args) => net::run(args)?,
         Command::Bench(args) => bench::run(args)?,

@@ -76,6 +76,17 @@ pub struct Mounted {
     pub read_only: bool,
 }
 
+impl Mounted {
+    /// "FAT12", "FAT16" or "FAT32".
+    pub fn fat_name(&self) -> &'static str {
+        match self.fat_type {
+            FatType::Fat12 => "FAT12",
+            FatType::Fat16 => "FAT16",
+            FatType::Fat32 => "FAT32",
+        }
+    }
+}
+
 type Volume = FatFs<FileDevice>;
 type Job = Box<dyn FnOnce(&mut Volume) + Send>;
 

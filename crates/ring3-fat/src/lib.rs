@@ -9,7 +9,7 @@
 //! // Blocks until the mount point is unmounted (`umount /mnt/stick`, `fusermount3 -u
 //! // /mnt/stick`, or SIGINT/SIGTERM), then writes everything back and syncs the device.
 //! mount(Path::new("/dev/ublkb0"), Path::new("/mnt/stick"), &MountOptions::default(), |mounted| {
-//!     println!("{} mounted on {}", mounted.fat_type, mounted.mountpoint.display());
+//!     println!("{} mounted on {}", mounted.fat_name(), mounted.mountpoint.display());
 //! })?;
 //! # Ok::<(), ring3_fat::Error>(())
 //! ```

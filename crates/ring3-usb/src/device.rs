@@ -306,6 +306,43 @@ impl UsbDevice {
         })
     }
 
+    /// Detaches the kernel driver bound to `interface` without claiming it, for a
+    /// supervisor that hands the device to another process (which then claims it). It
+    /// stays detached until [`UsbDevice::attach_kernel_driver`].
+    pub fn detach_kernel_driver(&self, interface: u8) -> Result<()> {
+        self.inner
+            .nusb
+            .detach_kernel_driver(interface)
+            .map_err(|source| match source.kind() {
+                nusb::ErrorKind::Disconnected => UsbError::Disconnected,
+                _ => UsbError::Nusb {
+                    what: format!("detaching the kernel driver of interface {interface}"),
+                    source,
+                },
+            })
+    }
+
+    /// Asks the kernel to bind a driver to `interface` again (after
+    /// [`UsbDevice::detach_kernel_driver`]).
+    pub fn attach_kernel_driver(&self, interface: u8) -> Result<()> {
+        self.inner
+            .nusb
+            .attach_kernel_driver(interface)
+            .map_err(|source| match source.kind() {
+                nusb::ErrorKind::Disconnected => UsbError::Disconnected,
+                _ => UsbError::Nusb {
+                    what: format!("attaching a kernel driver to interface {interface}"),
+                    source,
+                },
+            })
+    }
+
+    /// A new descriptor of the device's usbfs file, to hand to another process (which
+    /// rebuilds the device with [`UsbDevice::from_fd`]).
+    pub fn try_clone_fd(&self) -> std::io::Result<OwnedFd> {
+        self.inner.fd.try_clone()
+    }
+
     fn describe(&self) -> PathBuf {
         self.inner
             .path
