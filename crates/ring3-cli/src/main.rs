@@ -12,6 +12,7 @@ mod net;
 mod nvme;
 mod pci;
 mod size;
+mod usb;
 
 use std::error::Error as StdError;
 use std::process::ExitCode;
@@ -47,6 +48,9 @@ enum Command {
     Net(net::NetArgs),
     /// Measure a device through a ring3 driver (IOPS, bandwidth, latency, CPU).
     Bench(bench::BenchArgs),
+    /// USB devices through usbfs: list them, claim an interface from the kernel.
+    #[command(subcommand)]
+    Usb(usb::UsbArgs),
     /// Show the devices the ring3d daemon drives: state, process, restarts, I/O counts.
     Status(daemon::StatusArgs),
     /// Ask the ring3d daemon to restart a device's driver (also one it gave up on).
@@ -68,6 +72,7 @@ fn run(command: Command) -> Result<(), CommandError> {
         Command::Nvme(args) => nvme::run(args)?,
         Command::Net(args) => net::run(args)?,
         Command::Bench(args) => bench::run(args)?,
+        Command::Usb(args) => usb::run(args)?,
         Command::Status(args) => daemon::status(args)?,
         Command::Restart(args) => daemon::restart(args)?,
         Command::Stop(args) => daemon::stop(args)?,

@@ -467,6 +467,36 @@ impl EndpointDescriptor {
     }
 }
 
+/// A short name of a USB class code (`bDeviceClass`, `bInterfaceClass`), from the USB-IF
+/// list of defined class codes.
+pub fn class_name(class: u8) -> &'static str {
+    match class {
+        0x00 => "per interface",
+        0x01 => "audio",
+        0x02 => "communications",
+        0x03 => "HID",
+        0x05 => "physical",
+        0x06 => "image",
+        0x07 => "printer",
+        0x08 => "mass storage",
+        0x09 => "hub",
+        0x0a => "CDC data",
+        0x0b => "smart card",
+        0x0d => "content security",
+        0x0e => "video",
+        0x0f => "healthcare",
+        0x10 => "audio/video",
+        0x11 => "billboard",
+        0x12 => "USB-C bridge",
+        0xdc => "diagnostic",
+        0xe0 => "wireless",
+        0xef => "miscellaneous",
+        0xfe => "application specific",
+        0xff => "vendor specific",
+        _ => "unknown class",
+    }
+}
+
 /// The device descriptor and configurations as usbfs and sysfs give them: a device
 /// descriptor, then each configuration with its `wTotalLength` bytes, back to back.
 pub fn parse_descriptors(bytes: &[u8]) -> Result<(DeviceDescriptor, Vec<ConfigurationDescriptor>)> {

@@ -117,9 +117,11 @@ pub struct UsbDeviceSummary {
     /// Where it is plugged in; also its sysfs name.
     #[serde(serialize_with = "serialize_display")]
     pub port_path: PortPath,
-    /// `idVendor`.
+    /// `idVendor` (four hex digits in JSON).
+    #[serde(serialize_with = "serialize_hex16")]
     pub vendor_id: u16,
-    /// `idProduct`.
+    /// `idProduct` (four hex digits in JSON).
+    #[serde(serialize_with = "serialize_hex16")]
     pub product_id: u16,
     /// `bDeviceClass` (0: defined per interface).
     pub class: u8,
@@ -146,6 +148,13 @@ fn serialize_display<S: serde::Serializer>(
     serializer: S,
 ) -> std::result::Result<S::Ok, S::Error> {
     serializer.collect_str(value)
+}
+
+fn serialize_hex16<S: serde::Serializer>(
+    value: &u16,
+    serializer: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    serializer.collect_str(&format_args!("{value:04x}"))
 }
 
 impl UsbDeviceSummary {
