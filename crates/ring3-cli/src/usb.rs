@@ -43,6 +43,9 @@ pub enum UsbArgs {
     /// With --force a kernel driver bound to the interface is detached, and bound again
     /// when the interface is given back.
     Claim(ClaimArgs),
+    /// Drive a mass-storage device (flash drive, disk, card reader) with ring3's driver:
+    /// info, read, write, verify.
+    Storage(crate::usb_storage::StorageArgs),
 }
 
 /// Options of `usb list`.
@@ -74,6 +77,7 @@ pub fn run(args: UsbArgs) -> Result<(), CommandError> {
     match args {
         UsbArgs::List(args) => list(args),
         UsbArgs::Claim(args) => claim(args),
+        UsbArgs::Storage(args) => crate::usb_storage::run(args),
     }
 }
 
