@@ -184,19 +184,26 @@ impl UsbReport {
                 None => "not measured".to_string(),
             }
         );
+        let ring3_part = if set.kernel_only {
+            " (ring3's side was not run: `--kernel-only`)".to_string()
+        } else {
+            format!(
+                ", `rmmod usb-storage`, then ring3d started on the device (`usb = \
+                 \"46f4:0001:R3RAW\"`, `driver = \"usb-storage\"`, `expose = \"ublk\"`, driver \
+                 process as `nobody`), every workload through ublk ({}), and ring3d stopped \
+                 with SIGTERM",
+                env.guest("ublk_device").unwrap_or("not reached")
+            )
+        };
         let _ = writeln!(
             s,
             "- Guest: Linux {}, booted once with `xhci_pci` and `ublk_drv`. In order: \
              `sd_mod` and `usb-storage` loaded (the disk was {}, `max_sectors_kb` {}, SCSI \
-             queue depth {}), the fill, every workload on the kernel driver, `rmmod \
-             usb-storage`, then ring3d started on the device (`usb = \"46f4:0001:R3RAW\"`, \
-             `driver = \"usb-storage\"`, `expose = \"ublk\"`, driver process as `nobody`), \
-             every workload through ublk ({}), and ring3d stopped with SIGTERM.",
+             queue depth {}), the fill, every workload on the kernel driver{ring3_part}.",
             env.guest("guest_kernel").unwrap_or(unknown),
             env.guest("disk").unwrap_or(unknown),
             env.guest("kernel_max_sectors_kb").unwrap_or(unknown),
             env.guest("kernel_queue_depth").unwrap_or(unknown),
-            env.guest("ublk_device").unwrap_or("not reached"),
         );
         let _ = writeln!(
             s,
@@ -333,6 +340,10 @@ mod tests {
         assert!(md.contains("- a note"), "{md}");
         assert!(md.contains("5000 Mbit/s"), "{md}");
         assert!(md.contains("64 MiB"), "{md}");
+        assert!(
+            md.contains("every workload through ublk (not reached), and ring3d stopped"),
+            "{md}"
+        );
         let json = report.json();
         assert_eq!(json["benchmark"], "usb");
         assert_eq!(json["workloads"][0]["ring3_over_kernel_iops"], 1.25);
@@ -355,6 +366,11 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("Only the kernel driver was measured"), "{md}");
+        assert!(!md.contains("rmmod"), "{md}");
+        assert!(
+            md.contains("every workload on the kernel driver (ring3's side was not run"),
+            "{md}"
+        );
         assert_eq!(
             report.json()["workloads"][0]["ring3_ublk"]["status"],
             "skipped"
