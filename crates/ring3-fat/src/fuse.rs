@@ -436,6 +436,40 @@ impl Filesystem for FatFuse {
         });
     }
 
+    // FAT has no extended attributes. ENOSYS (rather than fuser's default, which logs a
+    // warning each time) makes the kernel stop asking.
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(fuser::Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(fuser::Errno::ENOSYS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(fuser::Errno::ENOSYS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(fuser::Errno::ENOSYS);
+    }
+
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         self.submit(move |volume| match volume.statfs() {
             Ok(stats) => reply.statfs(
@@ -480,7 +514,7 @@ impl Filesystem for FatFuse {
     }
 }
 
-use fuser::ReplyOpen;
+use fuser::{ReplyOpen, ReplyXattr};
 
 /// What the volume thread reports once it has opened (or failed to open) the device.
 type Opened = std::result::Result<(Mounted, u32), Error>;
