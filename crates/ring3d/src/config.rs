@@ -28,7 +28,7 @@ use toml::Spanned;
 
 use crate::error::{ConfigError, ConfigErrors, Location};
 use raw::{section, Checked, RawDaemon, RawDevice, RawNet, RawNvme, RawRestartBudget, Report};
-pub use resolve::{Plan, PlannedDevice};
+pub use resolve::{DeviceAddress, Plan, PlannedDevice};
 
 /// Where `ring3d` looks for its config file unless told otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ring3/ring3d.toml";
@@ -129,8 +129,11 @@ impl Default for RestartBudget {
 pub struct DeviceConfig {
     /// Unique name, used by `ring3 status/restart/stop`.
     pub name: String,
-    /// Which PCI device.
+    /// Which device.
     pub selector: DeviceSelector,
+    /// USB devices: whether a kernel driver bound to the interface may be detached
+    /// (`force = true`); it is attached again when ring3d lets the device go.
+    pub force: bool,
     /// The driver and its options.
     pub driver: DriverConfig,
     /// How the driven device is handed to the system.
@@ -146,8 +149,8 @@ impl DeviceConfig {
     pub const MAX_NAME_LEN: usize = 32;
 }
 
-/// How a `[[device]]` names its PCI device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// How a `[[device]]` names its device.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum DeviceSelector {
     /// `pci = "DDDD:BB:DD.F"`: the device at this address.
     Address(PciAddress),
@@ -162,6 +165,16 @@ pub enum DeviceSelector {
         /// Which of several matching devices, from 0 in address order.
         index: Option<u32>,
     },
+    /// `usb = "VID:PID[:SERIAL]"` or `usb = "BUS-PORT[.PORT...]"`: a USB device, looked
+    /// up each time its driver starts (it may come and go).
+    Usb(ring3_usb::UsbAddress),
+}
+
+impl DeviceSelector {
+    /// Whether this names a USB device.
+    pub fn is_usb(&self) -> bool {
+        matches!(self, DeviceSelector::Usb(_))
+    }
 }
 
 impl fmt::Display for DeviceSelector {
@@ -179,6 +192,7 @@ impl fmt::Display for DeviceSelector {
                     None => Ok(()),
                 }
             }
+            DeviceSelector::Usb(address) => write!(f, "usb {address}"),
         }
     }
 }
@@ -192,11 +206,21 @@ pub enum Driver {
     VirtioNet,
     /// Intel 82574L NICs (`ring3-net`).
     E1000e,
+    /// USB mass storage, Bulk-Only Transport with SCSI (`ring3-usb-storage`).
+    UsbStorage,
+    /// FTDI FT232 USB serial adapters (`ring3-ftdi`).
+    Ftdi,
 }
 
 impl Driver {
     /// Every known driver.
-    pub const ALL: [Driver; 3] = [Driver::Nvme, Driver::VirtioNet, Driver::E1000e];
+    pub const ALL: [Driver; 5] = [
+        Driver::Nvme,
+        Driver::VirtioNet,
+        Driver::E1000e,
+        Driver::UsbStorage,
+        Driver::Ftdi,
+    ];
 
     /// The driver's name in the config file.
     pub fn name(self) -> &'static str {
@@ -204,7 +228,14 @@ impl Driver {
             Driver::Nvme => "nvme",
             Driver::VirtioNet => "virtio-net",
             Driver::E1000e => "e1000e",
+            Driver::UsbStorage => "usb-storage",
+            Driver::Ftdi => "ftdi",
         }
+    }
+
+    /// Whether the driver drives USB devices (named with `usb`) rather than PCI ones.
+    pub fn is_usb(self) -> bool {
+        matches!(self, Driver::UsbStorage | Driver::Ftdi)
     }
 
     /// The driver named `name` in the config file.
@@ -215,19 +246,21 @@ impl Driver {
     /// The ways this driver's devices can be exposed; the first is the default.
     pub fn exposures(self) -> &'static [Exposure] {
         match self {
-            Driver::Nvme => &[Exposure::Ublk],
+            Driver::Nvme | Driver::UsbStorage => &[Exposure::Ublk],
             Driver::VirtioNet | Driver::E1000e => &[Exposure::Tap],
+            Driver::Ftdi => &[Exposure::Pty],
         }
     }
 
     /// The PCI class code (base class, subclass, programming interface) of the devices
-    /// this driver drives.
-    pub fn class_code(self) -> u32 {
+    /// this driver drives; `None` for USB drivers.
+    pub fn class_code(self) -> Option<u32> {
         match self {
             // Mass storage, non-volatile memory, NVM Express.
-            Driver::Nvme => 0x01_08_02,
+            Driver::Nvme => Some(0x01_08_02),
             // Network controller, Ethernet.
-            Driver::VirtioNet | Driver::E1000e => 0x02_00_00,
+            Driver::VirtioNet | Driver::E1000e => Some(0x02_00_00),
+            Driver::UsbStorage | Driver::Ftdi => None,
         }
     }
 
@@ -235,7 +268,7 @@ impl Driver {
     /// class 020000); `None`: any device of the class.
     pub fn device_ids(self) -> Option<&'static [(u16, u16)]> {
         match self {
-            Driver::Nvme => None,
+            Driver::Nvme | Driver::UsbStorage | Driver::Ftdi => None,
             Driver::VirtioNet => Some(&[(0x1af4, 0x1041)]),
             Driver::E1000e => Some(&[(0x8086, 0x10d3)]),
         }
@@ -247,6 +280,8 @@ impl Driver {
             Driver::Nvme => "an NVMe controller",
             Driver::VirtioNet => "a virtio-net NIC (1af4:1041)",
             Driver::E1000e => "an Intel 82574L NIC (8086:10d3)",
+            Driver::UsbStorage => "a USB mass storage device",
+            Driver::Ftdi => "an FTDI FT232 USB serial adapter",
         }
     }
 }
@@ -264,6 +299,10 @@ pub enum DriverConfig {
     Nvme(NvmeOptions),
     /// `driver = "virtio-net"` or `"e1000e"`.
     Net(Driver, NetOptions),
+    /// `driver = "usb-storage"`.
+    UsbStorage,
+    /// `driver = "ftdi"`.
+    Ftdi(SerialOptions),
 }
 
 impl DriverConfig {
@@ -272,6 +311,8 @@ impl DriverConfig {
         match self {
             DriverConfig::Nvme(_) => Driver::Nvme,
             DriverConfig::Net(driver, _) => *driver,
+            DriverConfig::UsbStorage => Driver::UsbStorage,
+            DriverConfig::Ftdi(_) => Driver::Ftdi,
         }
     }
 }
@@ -281,6 +322,8 @@ impl fmt::Display for DriverConfig {
         match self {
             DriverConfig::Nvme(options) => write!(f, "nvme ({options})"),
             DriverConfig::Net(driver, options) => write!(f, "{driver} ({options})"),
+            DriverConfig::UsbStorage => f.write_str("usb-storage"),
+            DriverConfig::Ftdi(options) => write!(f, "ftdi ({options})"),
         }
     }
 }
@@ -362,6 +405,31 @@ impl fmt::Display for NetOptions {
     }
 }
 
+/// `[device.serial]`: options of the serial drivers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SerialOptions {
+    /// The line speed set when the driver starts (`baud`), until an application sets
+    /// another on the terminal.
+    pub baud: u32,
+}
+
+impl SerialOptions {
+    /// `baud`: allowed range (the FT232's slowest and fastest rates).
+    pub const BAUD: RangeInclusive<u64> = 183..=3_000_000;
+}
+
+impl Default for SerialOptions {
+    fn default() -> Self {
+        SerialOptions { baud: 115_200 }
+    }
+}
+
+impl fmt::Display for SerialOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} baud", self.baud)
+    }
+}
+
 /// Which NVMe namespaces to expose.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Namespaces {
@@ -388,19 +456,23 @@ impl fmt::Display for Namespaces {
 pub enum Exposure {
     /// A ublk block device, `/dev/ublkbN` (storage drivers).
     Ublk,
-    /// A TAP network interface (network drivers, to come).
+    /// A TAP network interface (network drivers).
     Tap,
+    /// A pseudo-terminal, `/dev/pts/N`, linked from `/run/ring3/ttyUSB-<serial>`
+    /// (serial drivers).
+    Pty,
 }
 
 impl Exposure {
     /// Every exposure.
-    pub const ALL: [Exposure; 2] = [Exposure::Ublk, Exposure::Tap];
+    pub const ALL: [Exposure; 3] = [Exposure::Ublk, Exposure::Tap, Exposure::Pty];
 
     /// The exposure's name in the config file.
     pub fn name(self) -> &'static str {
         match self {
             Exposure::Ublk => "ublk",
             Exposure::Tap => "tap",
+            Exposure::Pty => "pty",
         }
     }
 
@@ -708,20 +780,40 @@ fn check_devices(
                     ),
                 );
             } else {
-                selectors.insert(*selector, (display_name, line));
+                selectors.insert(selector.clone(), (display_name, line));
             }
         }
 
         let driver = check_driver(raw, &checked, header.clone(), &context, report);
         let expose = driver.and_then(|driver| check_expose(raw, driver, &context, report));
         let driver_config = driver.and_then(|driver| check_options(raw, driver, &context, report));
+        let bus_fits = match (&selector, driver) {
+            (Some((selector, span)), Some(driver)) if selector.is_usb() != driver.is_usb() => {
+                let (bus, key) = if driver.is_usb() {
+                    ("a USB", "usb = \"VID:PID[:SERIAL]\"")
+                } else {
+                    ("a PCI", "pci = ADDRESS or match = IDS")
+                };
+                report.at(
+                    span.clone(),
+                    format!(
+                        "{context}: driver {} drives {bus} device; name it with {key}",
+                        driver.name()
+                    ),
+                );
+                false
+            }
+            _ => true,
+        };
+        let force = check_force(raw, driver, &context, report);
 
-        if let (Some(name), Some((selector, selector_span)), Some(driver), Some(expose)) =
-            (name, selector, driver_config, expose)
+        if let (Some(name), Some((selector, selector_span)), Some(driver), Some(expose), true) =
+            (name, selector, driver_config, expose, bus_fits)
         {
             devices.push(DeviceConfig {
                 name: name.into_inner(),
                 selector,
+                force,
                 driver,
                 expose,
                 location: report.location(&header),
@@ -791,6 +883,41 @@ fn check_selector(
         let value = in_range(index, 0..=u64::from(u16::MAX), "index", context, report)?;
         Some(u32::try_from(value).expect("the range fits in u32"))
     });
+    if let Some(usb) = &raw.usb {
+        if let Some(other) = raw.pci.as_ref().or(raw.match_ids.as_ref()) {
+            report.at(
+                other.span(),
+                format!("{context}: usb names a USB device, pci and match a PCI device; keep one"),
+            );
+            return None;
+        }
+        if let Some(index) = &raw.index {
+            report.at(
+                index.span(),
+                format!(
+                    "{context}: index goes with match, not with usb; tell several devices with \
+                     the same IDs apart by serial number (\"VID:PID:SERIAL\") or port \
+                     (\"BUS-PORT\")"
+                ),
+            );
+            return None;
+        }
+        return match usb.get_ref().parse::<ring3_usb::UsbAddress>() {
+            Ok(address) => Some((DeviceSelector::Usb(address), usb.span())),
+            Err(e) => {
+                report.at(
+                    usb.span(),
+                    format!(
+                        "{context}: usb {:?} is not a USB device address: {e}; write \
+                         \"VID:PID\", \"VID:PID:SERIAL\" or a port such as \"1-2\" \
+                         (`ring3 usb list` shows them)",
+                        usb.get_ref()
+                    ),
+                );
+                None
+            }
+        };
+    }
     match (&raw.pci, &raw.match_ids) {
         (Some(_), Some(match_ids)) => {
             report.at(
@@ -853,12 +980,13 @@ fn check_selector(
             ))
         }
         (None, None) => {
-            if !checked.failed("pci") && !checked.failed("match") {
+            if !checked.failed("pci") && !checked.failed("match") && !checked.failed("usb") {
                 report.at(
                     header,
                     format!(
-                        "{context}: missing pci or match; say which device, either \
-                         pci = \"0000:03:00.0\" or match = \"1b36:0010\""
+                        "{context}: missing pci, match or usb; say which device: \
+                         pci = \"0000:03:00.0\", match = \"1b36:0010\" or \
+                         usb = \"46f4:0001\""
                     ),
                 );
             }
@@ -962,10 +1090,32 @@ fn check_options(
     context: &str,
     report: &mut Report<'_>,
 ) -> Option<DriverConfig> {
-    let misplaced = match driver {
-        Driver::Nvme => raw.net.as_ref().map(|t| (t.span(), "net")),
-        Driver::VirtioNet | Driver::E1000e => raw.nvme.as_ref().map(|t| (t.span(), "nvme")),
+    let tables = [
+        (
+            raw.nvme.as_ref().map(|t| t.span()),
+            "nvme",
+            Driver::Nvme.name(),
+        ),
+        (
+            raw.net.as_ref().map(|t| t.span()),
+            "net",
+            Driver::VirtioNet.name(),
+        ),
+        (
+            raw.serial.as_ref().map(|t| t.span()),
+            "serial",
+            Driver::Ftdi.name(),
+        ),
+    ];
+    let fits = |table: &str| match driver {
+        Driver::Nvme => table == "nvme",
+        Driver::VirtioNet | Driver::E1000e => table == "net",
+        Driver::Ftdi => table == "serial",
+        Driver::UsbStorage => false,
     };
+    let misplaced = tables
+        .into_iter()
+        .find_map(|(span, table, _)| Some((span?, table)).filter(|(_, t)| !fits(t)));
     if let Some((span, table)) = misplaced {
         report.at(
             span,
@@ -990,7 +1140,48 @@ fn check_options(
             check_net(net.get_ref(), &format!("{context}: net"), report)
                 .map(|options| DriverConfig::Net(driver, options))
         }
+        Driver::UsbStorage => Some(DriverConfig::UsbStorage),
+        Driver::Ftdi => {
+            let Some(serial) = &raw.serial else {
+                return Some(DriverConfig::Ftdi(SerialOptions::default()));
+            };
+            let mut options = SerialOptions::default();
+            if let Some(baud) = &serial.get_ref().baud {
+                let value = in_range(
+                    baud,
+                    SerialOptions::BAUD,
+                    "baud",
+                    &format!("{context}: serial"),
+                    report,
+                )?;
+                options.baud = u32::try_from(value).ok()?;
+            }
+            Some(DriverConfig::Ftdi(options))
+        }
     }
+}
+
+/// `force = true`: only for USB drivers, which may detach a kernel driver.
+fn check_force(
+    raw: &RawDevice,
+    driver: Option<Driver>,
+    context: &str,
+    report: &mut Report<'_>,
+) -> bool {
+    let Some(force) = &raw.force else {
+        return false;
+    };
+    if driver.is_some_and(|driver| !driver.is_usb()) {
+        report.at(
+            force.span(),
+            format!(
+                "{context}: force applies to USB devices (detaching their kernel driver); a \
+                 PCI device is always taken from its kernel driver; remove it"
+            ),
+        );
+        return false;
+    }
+    *force.get_ref()
 }
 
 fn check_net(raw: &RawNet, context: &str, report: &mut Report<'_>) -> Option<NetOptions> {

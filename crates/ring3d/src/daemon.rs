@@ -40,10 +40,14 @@ pub fn run(config: Config, plan: Plan, sysfs: Sysfs) -> Result<(), String> {
     // Bind everything first; undo what was bound if any device refuses.
     let mut bound = Vec::new();
     for device in &plan.devices {
-        match sysfs.bind_to_vfio(device.address, false) {
+        // USB devices are claimed through usbfs when their driver starts.
+        let Some(address) = device.address.pci() else {
+            continue;
+        };
+        match sysfs.bind_to_vfio(address, false) {
             Ok(outcome) => {
-                tracing::info!(pci = %device.address, name = %device.name, ?outcome, "bound to vfio-pci");
-                bound.push(device.address);
+                tracing::info!(pci = %address, name = %device.name, ?outcome, "bound to vfio-pci");
+                bound.push(address);
             }
             Err(e) => {
                 for address in bound {
@@ -79,6 +83,7 @@ pub fn run(config: Config, plan: Plan, sysfs: Sysfs) -> Result<(), String> {
             gid: sandbox.gid,
             ublk: ublk.clone(),
             sysfs: sysfs.clone(),
+            tty_dir: std::path::PathBuf::from(crate::usb::TTY_DIR),
             program: program.clone(),
         };
         match Supervisor::start(context) {

@@ -54,6 +54,11 @@ pub enum ToDriver {
         /// The interface's name.
         interface: String,
     },
+    /// The pseudo-terminal to bridge a serial port to, with its master file.
+    ServePty {
+        /// The terminal applications open (`/dev/pts/N`).
+        path: String,
+    },
 }
 
 /// Everything a driver process needs to know to start.
@@ -84,6 +89,9 @@ pub struct Setup {
     pub max_io_bytes: u32,
     /// Namespaces to serve; empty: all.
     pub namespaces: Vec<u32>,
+    /// Serial drivers: the line speed to start with.
+    #[serde(default)]
+    pub baud: u32,
 }
 
 fn nvme() -> String {
@@ -121,6 +129,11 @@ pub enum ToHost {
         queues: u16,
         /// Whether the link is up.
         link_up: bool,
+    },
+    /// A serial port is up and sandboxed.
+    SerialHello {
+        /// The driver's process ID.
+        pid: u32,
     },
     /// Every queue of ublk device `id` waits for requests.
     Ready {

@@ -2,8 +2,9 @@
 //!
 //! It binds the devices named in its config file to vfio-pci, runs each driver in its own
 //! unprivileged process, restarts it within a budget when it dies, and exposes what the
-//! driver serves as a standard device: each NVMe namespace as a ublk block device
-//! (`/dev/ublkbN`) whose requests survive a driver crash (ublk user recovery).
+//! driver serves as a standard device: each NVMe namespace and USB stick as a ublk block
+//! device (`/dev/ublkbN`) whose requests survive a driver crash (ublk user recovery), a
+//! NIC as a TAP interface, a USB serial adapter as a terminal.
 //!
 //! - [`config`]: reading and checking the config, and finding its devices on the
 //!   machine, without touching any of them. Nothing is bound until the whole config is
@@ -59,13 +60,23 @@
 //! # match = "1b36:0010"                     # ... or its vendor:device IDs (4 hex digits
 //! # index = 0                               #     each), and which of them in address
 //!                                           #     order, from 0, if several match
-//! driver = "nvme"                           # the known drivers: nvme
+//! driver = "nvme"                           # the known drivers: nvme, virtio-net,
+//!                                           #   e1000e, usb-storage, ftdi
 //! expose = "ublk"                           # nvme: ublk (the default)
 //! [device.nvme]                             # the driver's options, all optional
 //! queues = 4                                # I/O queue pairs, 1 to 1024 (default 4)
 //! queue_depth = 128                         # entries per queue, 2 to 4096 (default 128)
 //! namespaces = [1]                          # namespace IDs (default: all)
 //! ```
+//!
+//! USB devices are named with `usb` instead: `usb = "VID:PID"`, `"VID:PID:SERIAL"` or a
+//! port such as `"1-2.1"` (`ring3 usb list` shows them), with `driver = "usb-storage"`
+//! (exposed as ublk) or `driver = "ftdi"` (exposed as a terminal, `/dev/pts/N`, linked
+//! from `/run/ring3/ttyUSB-<serial>`; `[device.serial]` `baud` sets its first line
+//! speed). `force = true` lets ring3d detach a kernel driver bound to the device; it is
+//! attached again when ring3d lets the device go. A USB device is looked up each time
+//! its driver starts: while it is unplugged its state is `waiting`, and its driver
+//! starts again when it is back (without counting against the restart budget).
 //!
 //! `restart_budget`: a driver that dies more than `restarts` times (0 to 1000; default 5)
 //! within `window_s` seconds (1 to 604800; default 1800) is left stopped. A driver is
@@ -104,6 +115,7 @@ pub mod error;
 pub mod ipc;
 pub mod sandbox;
 pub mod supervisor;
+pub mod usb;
 
 pub use config::Config;
 pub use error::{ConfigError, ConfigErrors, Location};

@@ -32,7 +32,7 @@
 //! |---|---|---|
 //! | descriptors it was given | `read`, `write`, `readv`, `writev`, `pread64`, `pwrite64`, `lseek`, `close`, `fcntl`, `dup`, `dup3` (`dup2` on x86_64), `fstat` | I/O on the VFIO, ublk and control descriptors; std's `File` asks `fstat` for a size hint |
 //! | control channel | `sendmsg`, `recvmsg`, `sendto`, `recvfrom` | messages and descriptors on the socket the daemon handed over (no `socket`, `connect`, `bind`) |
-//! | waiting | `poll`/`ppoll`, `epoll_create1`, `epoll_ctl`, `epoll_wait`/`epoll_pwait`, `eventfd2` | waiting for interrupts (VFIO eventfds) and messages |
+//! | waiting | `poll`/`ppoll`, `epoll_create1`, `epoll_ctl`, `epoll_wait`/`epoll_pwait`, `eventfd2`, `timerfd_create`/`settime`/`gettime` | waiting for interrupts (VFIO eventfds), messages and USB transfers (usbfs, timed with a timerfd) |
 //! | VFIO | `ioctl`, except `TIOCSTI` and `TIOCLINUX` | the driver configures the device and its DMA mappings with ioctls on its VFIO descriptors; the two refused requests would let it type into a terminal it inherited |
 //! | ublk data path | `io_uring_setup`, `io_uring_enter`, `io_uring_register` | ublk hands requests to the driver through io_uring |
 //! | memory | `mmap`, `munmap`, `mprotect`, `mremap`, `madvise`, `brk`, `mlock`, `munlock` | the allocator, thread stacks, BAR mappings, pinning DMA buffers |
@@ -386,6 +386,10 @@ fn allowlist(own_pid: u32) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
         libc::SYS_epoll_ctl,
         libc::SYS_epoll_pwait,
         libc::SYS_eventfd2,
+        // usbfs drivers (nusb) time their transfers with a timerfd.
+        libc::SYS_timerfd_create,
+        libc::SYS_timerfd_settime,
+        libc::SYS_timerfd_gettime,
         // The ublk data path.
         libc::SYS_io_uring_setup,
         libc::SYS_io_uring_enter,

@@ -23,7 +23,7 @@ use ring3::pci::Sysfs;
 use ring3::vfio::VfioBackend;
 use ring3_ublk::{Control, DeviceSpec, Discard, Params};
 
-use crate::config::{DaemonConfig, DriverConfig, Namespaces, PlannedDevice};
+use crate::config::{DaemonConfig, DeviceAddress, DriverConfig, Namespaces, PlannedDevice};
 use crate::control::{DeviceStatus, IoCounters};
 use crate::ipc::{
     Channel, Hello, IpcError, NamespaceInfo, ServeDevice, Setup, ToDriver, ToHost, DRIVER_FD,
@@ -38,6 +38,21 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the kernel may take to start a ublk device or end its recovery, and to let a
 /// dead driver's device go for recovery.
 const UBLK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Requests a USB mass storage driver takes at once (it serves them one at a time: the
+/// Bulk-Only Transport has one command in flight).
+const USB_STORAGE_DEPTH: u16 = 32;
+
+/// How often ring3d looks for an unplugged USB device.
+const USB_POLL: Duration = Duration::from_millis(500);
+
+/// How a device goes to a new driver process.
+enum Handoff {
+    /// The VFIO container, group and device.
+    Vfio(Box<VfioBackend>),
+    /// The usbfs file of the USB device.
+    Usb(OwnedFd),
+}
 
 /// How long a driver may take to exit once its ublk devices are stopped.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -83,6 +98,8 @@ pub struct Context {
     pub ublk: Option<Arc<Control>>,
     /// Where the PCI devices are.
     pub sysfs: Sysfs,
+    /// Where `/run/ring3/ttyUSB-<serial>` links go (serial drivers).
+    pub tty_dir: std::path::PathBuf,
     /// The program to run as the driver (`ring3d` itself, with `driver`).
     pub program: std::path::PathBuf,
 }
@@ -240,6 +257,13 @@ struct Runner {
     /// The TAP interface a NIC is bridged to; it outlives driver processes, so the
     /// interface (and its addresses) stay while a driver restarts.
     tap: Option<ring3_net::tap::Tap>,
+    /// The pseudo-terminal a serial port is bridged to; like the TAP interface, it
+    /// outlives driver processes, so applications keep their terminal open across a
+    /// restart.
+    pty: Option<crate::usb::PtyExposure>,
+    /// The USB device a driver was started on last, and the kernel driver detached from
+    /// it (given back when ring3d lets the device go).
+    usb: Option<crate::usb::Opened>,
     /// I/O done by earlier driver processes of this device.
     io_before: IoCounters,
     /// When the driver died, within the budget's window.
@@ -253,6 +277,8 @@ impl Runner {
             published,
             exposed: Vec::new(),
             tap: None,
+            pty: None,
+            usb: None,
             io_before: IoCounters::default(),
             deaths: VecDeque::new(),
         }
@@ -288,6 +314,27 @@ impl Runner {
     fn run(mut self, requests: &Receiver<Request>) {
         let mut state = "starting";
         loop {
+            if let Some(request) = self.wait_for_usb_device(requests) {
+                match request {
+                    Request::Restart(reply) => {
+                        let _ = reply.send(Err(format!(
+                            "{}: the USB device is not plugged in; its driver starts when it is",
+                            self.context.device.name
+                        )));
+                        continue;
+                    }
+                    Request::Stop(reply) => {
+                        let _ = reply.send(self.stop(None));
+                        return;
+                    }
+                    Request::Shutdown => {
+                        if let Err(e) = self.stop(None) {
+                            tracing::error!("{e}");
+                        }
+                        return;
+                    }
+                }
+            }
             self.set_state(state, None);
             let reason = match self.start_driver() {
                 Ok(mut driver) => {
@@ -343,6 +390,13 @@ impl Runner {
                 s.reason = Some(reason.clone());
                 s.pid = None;
             });
+            if self.usb_device_gone() {
+                // Unplugged: not the driver's fault, so no restart is charged; the loop
+                // waits for the device to come back.
+                tracing::warn!("the USB device is gone; waiting for it to come back");
+                state = "restarting";
+                continue;
+            }
             if self.spend_budget() {
                 state = "restarting";
                 self.publish(|s| s.restarts += 1);
@@ -423,6 +477,9 @@ impl Runner {
                 );
                 (options.queues, options.queue_depth, namespaces, memlock)
             }
+            // USB drivers pin no DMA memory of their own: usbfs maps its buffers.
+            DriverConfig::UsbStorage => (1, USB_STORAGE_DEPTH, Vec::new(), 16 << 20),
+            DriverConfig::Ftdi(_) => (1, 0, Vec::new(), 16 << 20),
             DriverConfig::Net(_, options) => {
                 // Receive and transmit rings of 2 KiB buffers, and the rings themselves.
                 let memlock = crate::driver::memlock_estimate(
@@ -436,21 +493,46 @@ impl Runner {
         }
     }
 
-    /// Starts a driver process and brings its exposed devices up (or back).
-    fn start_driver(&mut self) -> Result<Driver, (Option<Driver>, String)> {
-        let address = self.context.device.address.to_string();
-        let backend = VfioBackend::open_with(&self.context.sysfs, &address)
-            .map_err(|e| (None, format!("opening the device through VFIO: {e}")))?;
-        if backend
-            .device()
-            .info()
-            .flags
-            .contains(ring3::vfio::DeviceFlags::RESET)
-        {
-            if let Err(e) = backend.device().reset() {
-                tracing::warn!(error = %e, "device reset before starting the driver failed");
+    /// Opens the device for a new driver: through VFIO (reset first) for a PCI device,
+    /// through usbfs for a USB one.
+    fn open_device(&mut self) -> Result<(Handoff, String, u32), String> {
+        match &self.context.device.address {
+            DeviceAddress::Pci(pci) => {
+                let address = pci.to_string();
+                let backend = VfioBackend::open_with(&self.context.sysfs, &address)
+                    .map_err(|e| format!("opening the device through VFIO: {e}"))?;
+                if backend
+                    .device()
+                    .info()
+                    .flags
+                    .contains(ring3::vfio::DeviceFlags::RESET)
+                {
+                    if let Err(e) = backend.device().reset() {
+                        tracing::warn!(error = %e, "device reset before starting the driver failed");
+                    }
+                }
+                let group = backend.group().number();
+                Ok((Handoff::Vfio(Box::new(backend)), address, group))
+            }
+            DeviceAddress::Usb(address) => {
+                let address = address.clone();
+                let detached_before = self.usb.as_ref().and_then(|usb| usb.detached.clone());
+                let (fd, opened) = crate::usb::open(
+                    &address,
+                    self.context.device.driver.driver(),
+                    self.context.device.force,
+                    detached_before,
+                )?;
+                let name = opened.to_string();
+                self.usb = Some(opened);
+                Ok((Handoff::Usb(fd), name, 0))
             }
         }
+    }
+
+    /// Starts a driver process and brings its exposed devices up (or back).
+    fn start_driver(&mut self) -> Result<Driver, (Option<Driver>, String)> {
+        let (handoff, address, group) = self.open_device().map_err(|e| (None, e))?;
         let (channel, driver_end) =
             Channel::pair().map_err(|e| (None, format!("creating the driver's channel: {e}")))?;
         let child = spawn_driver(&self.context.program, driver_end)
@@ -461,7 +543,7 @@ impl Runner {
             driver: self.context.device.driver.driver().name().into(),
             name: self.context.device.name.clone(),
             pci: address.clone(),
-            group: backend.group().number(),
+            group,
             uid: self.context.uid,
             gid: self.context.gid,
             memlock_bytes,
@@ -470,14 +552,24 @@ impl Runner {
             queue_depth,
             max_io_bytes: MAX_IO_BYTES,
             namespaces,
+            baud: match &self.context.device.driver {
+                DriverConfig::Ftdi(options) => options.baud,
+                _ => 0,
+            },
         };
-        let fds = backend.handoff_fds();
-        let sent = driver.channel.send(
-            &ToDriver::Setup(setup),
-            &[fds.container, fds.group, fds.device],
-        );
-        // The driver has its own copies now; ring3d keeps none.
-        drop(backend);
+        let sent = match &handoff {
+            Handoff::Vfio(backend) => {
+                let fds = backend.handoff_fds();
+                driver.channel.send(
+                    &ToDriver::Setup(setup),
+                    &[fds.container, fds.group, fds.device],
+                )
+            }
+            Handoff::Usb(fd) => driver.channel.send(&ToDriver::Setup(setup), &[fd.as_fd()]),
+        };
+        // The driver has its own copies now; ring3d keeps none (a usbfs file left open
+        // here would keep a dead driver's transfers and claims alive).
+        drop(handoff);
         if let Err(e) = sent {
             let reason = failure("sending the setup", e, &mut driver);
             return Err((Some(driver), reason));
@@ -495,6 +587,13 @@ impl Runner {
             )) => {
                 tracing::info!(pid, %mac, queues, link_up, "driver brought the NIC up");
                 return match self.expose_tap(&mut driver, &mac) {
+                    Ok(()) => Ok(driver),
+                    Err(reason) => Err((Some(driver), reason)),
+                };
+            }
+            Ok((ToHost::SerialHello { pid }, _)) => {
+                tracing::info!(pid, "driver brought the serial port up");
+                return match self.expose_pty(&mut driver) {
                     Ok(()) => Ok(driver),
                     Err(reason) => Err((Some(driver), reason)),
                 };
@@ -563,6 +662,92 @@ impl Runner {
         tracing::info!(%interface, "bridged");
         self.publish(|s| s.exposed = vec![interface]);
         Ok(())
+    }
+
+    /// Creates the pseudo-terminal and its link (first start) and bridges the driver to it.
+    fn expose_pty(&mut self, driver: &mut Driver) -> Result<(), String> {
+        if self.pty.is_none() {
+            let serial = self.usb.as_ref().and_then(|usb| usb.serial.clone());
+            let label = serial.unwrap_or_else(|| self.context.device.name.clone());
+            self.pty = Some(crate::usb::PtyExposure::create(
+                &self.context.tty_dir,
+                &label,
+            )?);
+        }
+        let Some(pty) = &self.pty else {
+            return Err("no pseudo-terminal".into());
+        };
+        let path = pty.path().to_string();
+        driver
+            .channel
+            .send(&ToDriver::ServePty { path: path.clone() }, &[pty.master()])
+            .map_err(|e| failure("handing the pseudo-terminal over", e, driver))?;
+        match driver.channel.recv::<ToHost>(Some(START_TIMEOUT)) {
+            Ok((ToHost::Ready { .. }, _)) => {}
+            Ok((ToHost::Failed { reason }, _)) => return Err(reason),
+            Ok((other, _)) => return Err(format!("the driver said {other:?} instead of ready")),
+            Err(e) => return Err(failure("waiting for the driver's bridge", e, driver)),
+        }
+        let exposed = pty.exposed();
+        tracing::info!(terminal = ?exposed, "bridged");
+        self.publish(|s| s.exposed = exposed);
+        Ok(())
+    }
+
+    /// For a USB device that is not plugged in: waits, as `waiting`, until it is, or a
+    /// request comes (returned). `None` at once for PCI devices and present USB ones.
+    fn wait_for_usb_device(&mut self, requests: &Receiver<Request>) -> Option<Request> {
+        let DeviceAddress::Usb(address) = &self.context.device.address else {
+            return None;
+        };
+        let address = address.clone();
+        let mut announced = false;
+        while !crate::usb::present(&address) {
+            if !announced {
+                tracing::info!(usb = %address, "waiting for the USB device");
+                self.publish(|s| {
+                    s.state = "waiting".into();
+                    s.pid = None;
+                    s.reason = Some(format!("USB device {address} is not plugged in"));
+                });
+                announced = true;
+            }
+            match requests.recv_timeout(USB_POLL) {
+                Ok(request) => return Some(request),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Some(Request::Shutdown),
+            }
+        }
+        if announced {
+            tracing::info!(usb = %address, "the USB device is back");
+        }
+        None
+    }
+
+    /// Whether this is a USB device that is no longer plugged in.
+    fn usb_device_gone(&self) -> bool {
+        match &self.context.device.address {
+            DeviceAddress::Usb(address) => !crate::usb::present(address),
+            DeviceAddress::Pci(_) => false,
+        }
+    }
+
+    /// Gives a USB device back: re-attaches the kernel driver ring3d detached from it.
+    fn release_usb(&mut self) -> Result<String, String> {
+        let name = &self.context.device.name;
+        self.pty = None;
+        match self.usb.take() {
+            Some(opened) => match opened.give_back() {
+                Ok(Some(kernel_driver)) => Ok(format!(
+                    "{name}: stopped; the device is back with its kernel driver {kernel_driver}"
+                )),
+                Ok(None) => Ok(format!("{name}: stopped")),
+                Err(e) => Err(format!(
+                    "{name}: stopped, but giving the device back to its kernel driver failed: {e}"
+                )),
+            },
+            None => Ok(format!("{name}: stopped")),
+        }
     }
 
     /// Creates the ublk devices (first start) or recovers them (restart), hands them to
@@ -735,8 +920,8 @@ impl Runner {
                 }
             }
         }
-        if self.tap.is_some() {
-            // A NIC has nothing to drain: frames in flight are lost as on any link.
+        if self.tap.is_some() || self.pty.is_some() {
+            // A NIC or a serial port has nothing to drain: frames in flight are lost as on any link.
             if let Some(driver) = &driver {
                 // SAFETY: kill(2) on the driver process, which is our unreaped child.
                 unsafe { libc::kill(driver.pid() as i32, libc::SIGTERM) };
@@ -755,11 +940,16 @@ impl Runner {
         // Closing the last file of the TAP removes the interface.
         self.tap = None;
         let name = &self.context.device.name;
-        let result = match self
-            .context
-            .sysfs
-            .unbind_from_vfio(self.context.device.address)
-        {
+        let Some(address) = self.context.device.address.pci() else {
+            let result = self.release_usb();
+            self.publish(|s| {
+                s.state = "stopped".into();
+                s.pid = None;
+                s.exposed.clear();
+            });
+            return result;
+        };
+        let result = match self.context.sysfs.unbind_from_vfio(address) {
             Ok(outcome) => {
                 tracing::info!(?outcome, "device given back");
                 Ok(format!(

@@ -21,7 +21,15 @@ fn check_without_resolving_accepts_the_example() {
     let output = ring3d(&["--config", EXAMPLE, "--check", "--no-resolve"]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     let stdout = text(&output.stdout);
-    assert!(stdout.contains("valid (3 devices"), "{stdout}");
+    assert!(stdout.contains("valid (5 devices"), "{stdout}");
+    assert!(
+        stdout.contains("stick: usb 46f4:0001:R3RAW -> usb-storage exposed as ublk"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("console: usb 0403:6001 -> ftdi (115200 baud) exposed as pty"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains(
             "lan0: match 1af4:1041 -> virtio-net (queues 1, ring size 256) exposed as tap"

@@ -6,21 +6,16 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use ring3::pci::Sysfs;
 
-const NVME_CLASS: u32 = 0x01_08_02;
+mod common;
+use common::*;
 
-fn in_lab() {
-    assert_eq!(
-        std::env::var("RING3_LAB").as_deref(),
-        Ok("1"),
-        "lab tests run inside the lab VM: use `cargo xtask test`"
-    );
-}
+const NVME_CLASS: u32 = 0x01_08_02;
 
 fn nvme_address() -> String {
     in_lab();
@@ -34,208 +29,12 @@ fn nvme_address() -> String {
         .to_string()
 }
 
-fn driver_of(address: &str) -> Option<String> {
-    let link = PathBuf::from(format!("/sys/bus/pci/devices/{address}/driver"));
-    fs::read_link(link)
-        .ok()
-        .and_then(|target| target.file_name().map(|n| n.to_string_lossy().into_owned()))
-}
-
-/// A binary of the workspace, beside this test's own directory (`target/<profile>/`).
-fn bin(name: &str) -> String {
-    let exe = std::env::current_exe().expect("the test's own path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test runs from target/<profile>/deps");
-    dir.join(name).to_string_lossy().into_owned()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(format!("/tmp/ring3d-lab-{name}"));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("creating a scratch directory");
-    dir
-}
-
-fn run(program: &str, args: &[&str]) -> Output {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {program}: {e}"));
-    eprintln!(
-        "$ {program} {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn ring3(socket: &Path, args: &[&str]) -> Output {
-    let mut all = args.to_vec();
-    let socket = socket.to_string_lossy().into_owned();
-    all.extend(["--socket", &socket]);
-    run(&bin("ring3"), &all)
-}
-
-/// A ring3d running on a config; SIGTERM and a check that it stopped cleanly on drop.
-struct Daemon {
-    child: Option<Child>,
-    socket: PathBuf,
-    address: String,
-}
-
-impl Daemon {
-    fn start(name: &str, extra_daemon: &str, device: &str, env: &[(&str, &str)]) -> Daemon {
-        let dir = scratch(name);
-        let socket = dir.join("ring3d.sock");
-        let address = nvme_address();
-        let config = format!(
-            "[daemon]\nsocket = \"{}\"\ndriver_user = \"nobody\"\n{extra_daemon}\n\
-             [[device]]\nname = \"nvme0\"\npci = \"{address}\"\ndriver = \"nvme\"\n{device}\n",
-            socket.display()
-        );
-        let path = dir.join("ring3d.toml");
-        fs::write(&path, config).expect("writing the config");
-        let mut command = Command::new(bin("ring3d"));
-        command
-            .args(["--config", &path.to_string_lossy()])
-            .stdin(Stdio::null());
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let child = command.spawn().expect("starting ring3d");
-        Daemon {
-            child: Some(child),
-            socket,
-            address,
-        }
-    }
-
-    fn status(&self) -> Option<serde_json::Value> {
-        let output = ring3(&self.socket, &["status", "--json"]);
-        if !output.status.success() {
-            return None;
-        }
-        let value: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-        value.as_array()?.first().cloned()
-    }
-
-    /// Waits until the device's state is `state` and returns its status.
-    fn wait_for(&mut self, state: &str, timeout: Duration) -> serde_json::Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!("ring3d exited ({status}) while waiting for {state}");
-                }
-            }
-            if let Some(status) = self.status() {
-                if status["state"] == state {
-                    return status;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the device did not become {state} within {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
-
-    fn running(&mut self) -> (u32, Vec<String>) {
-        self.running_other_than(0)
-    }
-
-    /// Waits for a running driver whose pid is not `old`.
-    fn running_other_than(&mut self, old: u32) -> (u32, Vec<String>) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let status = loop {
-            let status = self.wait_for("running", Duration::from_secs(120));
-            if status["pid"].as_u64() != Some(u64::from(old)) {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "driver {old} was not replaced");
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        let pid = status["pid"].as_u64().expect("a running driver has a pid") as u32;
-        let exposed = status["exposed"]
-            .as_array()
-            .expect("exposed devices")
-            .iter()
-            .map(|v| v.as_str().expect("a path").to_string())
-            .collect::<Vec<_>>();
-        for exposed in &exposed {
-            // Block devices are paths; network interfaces are names.
-            let path = if exposed.starts_with('/') {
-                PathBuf::from(exposed)
-            } else {
-                Path::new("/sys/class/net").join(exposed)
-            };
-            wait_for_path(&path);
-        }
-        (pid, exposed)
-    }
-
-    /// SIGTERM, then checks ring3d exits 0 and the device left vfio-pci.
-    fn stop(mut self) {
-        let mut child = self.child.take().expect("ring3d still running");
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let status = wait_child(&mut child, Duration::from_secs(120));
-        assert!(
-            status.success(),
-            "ring3d exited with {status} after SIGTERM"
-        );
-        assert_ne!(
-            driver_of(&self.address).as_deref(),
-            Some("vfio-pci"),
-            "ring3d gave the controller back"
-        );
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = wait_child(&mut child, Duration::from_secs(60));
-        }
-    }
-}
-
-fn wait_child(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().expect("waiting for ring3d") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("ring3d did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn wait_for_path(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} did not appear",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn kill(pid: u32, signal: i32) {
-    // SAFETY: kill(2) with a pid read from ring3 status.
-    let rc = unsafe { libc::kill(pid as i32, signal) };
-    assert_eq!(rc, 0, "kill({pid}, {signal})");
+/// ring3d on the lab's NVMe controller, with `device` appended to its `[[device]]`.
+fn start_nvme(name: &str, extra_daemon: &str, device: &str, env: &[(&str, &str)]) -> Daemon {
+    let address = nvme_address();
+    let devices =
+        format!("[[device]]\nname = \"nvme0\"\npci = \"{address}\"\ndriver = \"nvme\"\n{device}");
+    Daemon::launch(name, extra_daemon, &devices, env, Some(address))
 }
 
 const SMALL: &str = "[device.nvme]\nqueues = 2\nqueue_depth = 32\n";
@@ -309,7 +108,7 @@ fn lab_ring3d_bad_configs_are_refused_and_touch_no_device() {
 #[test]
 #[ignore = "needs the lab VM: cargo xtask test"]
 fn lab_ring3d_ext4_on_ublk_keeps_files_across_a_remount() {
-    let mut daemon = Daemon::start("ext4", "", SMALL, &[]);
+    let mut daemon = start_nvme("ext4", "", SMALL, &[]);
     let (pid, exposed) = daemon.running();
     assert_eq!(
         exposed.len(),
@@ -443,7 +242,7 @@ fn fio_errors(output: &Output) -> (u64, u64) {
 #[test]
 #[ignore = "needs the lab VM: cargo xtask test"]
 fn lab_ring3d_fio_verify_survives_twenty_driver_kills_and_a_hang() {
-    let mut daemon = Daemon::start(
+    let mut daemon = start_nvme(
         "chaos",
         "heartbeat_ms = 100\nheartbeat_timeout_ms = 2000\nrestart_budget = { restarts = 1000, window_s = 3600 }\n",
         SMALL,
@@ -507,19 +306,10 @@ fn lab_ring3d_fio_verify_survives_twenty_driver_kills_and_a_hang() {
     daemon.stop();
 }
 
-fn proc_status_field(pid: u32, field: &str) -> String {
-    let text = fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc/PID/status");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
-        .trim()
-        .to_string()
-}
-
 #[test]
 #[ignore = "needs the lab VM: cargo xtask test"]
 fn lab_ring3d_driver_runs_unprivileged_in_a_seccomp_sandbox() {
-    let mut daemon = Daemon::start("sandbox", "", SMALL, &[]);
+    let mut daemon = start_nvme("sandbox", "", SMALL, &[]);
     let (pid, _) = daemon.running();
     let ids = |field: &str| -> Vec<String> {
         proc_status_field(pid, field)
@@ -555,7 +345,7 @@ fn lab_ring3d_driver_runs_unprivileged_in_a_seccomp_sandbox() {
 #[test]
 #[ignore = "needs the lab VM: cargo xtask test"]
 fn lab_ring3d_gives_up_on_a_driver_that_crashes_on_start() {
-    let mut daemon = Daemon::start(
+    let mut daemon = start_nvme(
         "budget",
         "restart_budget = { restarts = 2, window_s = 600 }\n",
         SMALL,
@@ -572,7 +362,10 @@ fn lab_ring3d_gives_up_on_a_driver_that_crashes_on_start() {
     // ring3 stop gives the device back.
     let stopped = ring3(&daemon.socket, &["stop", "nvme0"]);
     assert!(stopped.status.success());
-    assert_ne!(driver_of(&daemon.address).as_deref(), Some("vfio-pci"));
+    assert_ne!(
+        driver_of(daemon.address.as_deref().unwrap_or_default()).as_deref(),
+        Some("vfio-pci")
+    );
     daemon.stop();
 }
 
@@ -587,10 +380,6 @@ fn e1000e_addresses() -> Vec<String> {
         .collect()
 }
 
-fn sh(script: &str) -> Output {
-    run("sh", &["-c", script])
-}
-
 /// A NIC under ring3d behind a TAP interface, talking to the kernel's e1000e driver on
 /// the other NIC of the hub (in its own network namespace, so the traffic crosses the
 /// emulated wire): ping, then a TCP transfer, then the same after the driver is killed.
@@ -601,26 +390,14 @@ fn lab_ring3d_nic_behind_a_tap_survives_a_driver_kill() {
     let nics = e1000e_addresses();
     assert!(nics.len() >= 2, "the lab VM has two e1000e NICs: {nics:?}");
     let (ours, peer) = (&nics[0], &nics[1]);
-    let dir = scratch("nic");
-    let socket = dir.join("ring3d.sock");
-    let config = format!(
-        "[daemon]\nsocket = \"{}\"\ndriver_user = \"nobody\"\nheartbeat_ms = 200\n\
-         heartbeat_timeout_ms = 3000\n\
-         [[device]]\nname = \"lan0\"\npci = \"{ours}\"\ndriver = \"e1000e\"\n",
-        socket.display()
+    let devices = format!("[[device]]\nname = \"lan0\"\npci = \"{ours}\"\ndriver = \"e1000e\"\n");
+    let mut daemon = Daemon::launch(
+        "nic",
+        "heartbeat_ms = 200\nheartbeat_timeout_ms = 3000\n",
+        &devices,
+        &[],
+        Some(ours.clone()),
     );
-    let path = dir.join("ring3d.toml");
-    fs::write(&path, config).expect("writing the config");
-    let child = Command::new(bin("ring3d"))
-        .args(["--config", &path.to_string_lossy()])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("starting ring3d");
-    let mut daemon = Daemon {
-        child: Some(child),
-        socket,
-        address: ours.clone(),
-    };
     let (pid, exposed) = daemon.running();
     assert_eq!(exposed.len(), 1, "one TAP interface: {exposed:?}");
     let tap = exposed[0].clone();

@@ -57,10 +57,23 @@ pub(super) struct RawDevice {
     #[serde(rename = "match")]
     pub match_ids: Option<Spanned<String>>,
     pub index: Option<Spanned<i64>>,
+    pub usb: Option<Spanned<String>>,
+    pub force: Option<Spanned<bool>>,
     pub driver: Option<Spanned<String>>,
     pub expose: Option<Spanned<String>>,
     pub nvme: Option<Spanned<RawNvme>>,
     pub net: Option<Spanned<RawNet>>,
+    pub serial: Option<Spanned<RawSerial>>,
+}
+
+/// `[device.serial]`.
+#[derive(Deserialize, Debug)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table: [device.serial] followed by its keys"
+)]
+pub(super) struct RawSerial {
+    pub baud: Option<Spanned<i64>>,
 }
 
 /// `[device.net]`.
@@ -112,6 +125,7 @@ impl Section for RawDevice {
         match key {
             "nvme" => Some(clean::<RawNvme> as NestedCheck),
             "net" => Some(clean::<RawNet> as NestedCheck),
+            "serial" => Some(clean::<RawSerial> as NestedCheck),
             _ => None,
         }
     }
@@ -120,6 +134,8 @@ impl Section for RawDevice {
 impl Section for RawNvme {}
 
 impl Section for RawNet {}
+
+impl Section for RawSerial {}
 
 /// A section as read, and the keys that were present but bad (already reported), so
 /// that the value checks neither call them missing nor compare against them.

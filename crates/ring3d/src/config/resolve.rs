@@ -15,13 +15,42 @@ pub struct Plan {
     pub devices: Vec<PlannedDevice>,
 }
 
+/// Where a planned device is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceAddress {
+    /// The PCI device at this address.
+    Pci(PciAddress),
+    /// The USB device this address names, looked up each time its driver starts: USB
+    /// devices come and go, and come back under another device number.
+    Usb(ring3_usb::UsbAddress),
+}
+
+impl DeviceAddress {
+    /// The PCI address, for a PCI device.
+    pub fn pci(&self) -> Option<PciAddress> {
+        match self {
+            DeviceAddress::Pci(address) => Some(*address),
+            DeviceAddress::Usb(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for DeviceAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceAddress::Pci(address) => write!(f, "{address}"),
+            DeviceAddress::Usb(address) => write!(f, "usb {address}"),
+        }
+    }
+}
+
 /// A configured device found on this machine.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlannedDevice {
     /// The configured name.
     pub name: String,
-    /// The PCI device it resolved to.
-    pub address: PciAddress,
+    /// The device it resolved to.
+    pub address: DeviceAddress,
     /// Its vendor ID.
     pub vendor_id: u16,
     /// Its device ID.
@@ -32,11 +61,27 @@ pub struct PlannedDevice {
     pub driver: DriverConfig,
     /// How it will be exposed.
     pub expose: Exposure,
+    /// USB devices: whether a kernel driver bound to the interface may be detached.
+    pub force: bool,
 }
 
 impl fmt::Display for PlannedDevice {
     /// `fast0: 0000:03:00.0 (1b36:0010, now nvme) -> nvme (queues 4, …) exposed as ublk`
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let DeviceAddress::Usb(address) = &self.address {
+            return write!(
+                f,
+                "{}: usb {address} (looked up when its driver starts{}) -> {} exposed as {}",
+                self.name,
+                if self.force {
+                    "; a kernel driver on it is detached"
+                } else {
+                    ""
+                },
+                self.driver,
+                self.expose
+            );
+        }
         write!(
             f,
             "{}: {} ({:04x}:{:04x}, kernel driver {}) -> {} exposed as {}",
@@ -91,6 +136,19 @@ impl Config {
         let mut planned = Vec::new();
         let mut taken: HashMap<PciAddress, &DeviceConfig> = HashMap::new();
         for device in &self.devices {
+            if let DeviceSelector::Usb(address) = &device.selector {
+                planned.push(PlannedDevice {
+                    name: device.name.clone(),
+                    address: DeviceAddress::Usb(address.clone()),
+                    vendor_id: 0,
+                    device_id: 0,
+                    current_driver: None,
+                    driver: device.driver.clone(),
+                    expose: device.expose,
+                    force: device.force,
+                });
+                continue;
+            }
             let Some(found) = self.find(device, &sorted, &mut errors) else {
                 continue;
             };
@@ -98,7 +156,8 @@ impl Config {
                 ConfigError::new(&self.path, Some(device.selector_location), message)
             };
             let driver = device.driver.driver();
-            if found.class_code != driver.class_code() {
+            let class_code = driver.class_code().unwrap_or_default();
+            if found.class_code != class_code {
                 errors.push(error(format!(
                     "device {:?}: {} is a {} (class {:06x}), not {} (class {:06x}); name the \
                      right device or the right driver",
@@ -107,7 +166,7 @@ impl Config {
                     found.class_name(),
                     found.class_code,
                     driver.device_kind(),
-                    driver.class_code()
+                    class_code
                 )));
                 continue;
             }
@@ -136,12 +195,13 @@ impl Config {
             taken.insert(found.address, device);
             planned.push(PlannedDevice {
                 name: device.name.clone(),
-                address: found.address,
+                address: DeviceAddress::Pci(found.address),
                 vendor_id: found.vendor_id,
                 device_id: found.device_id,
                 current_driver: found.driver.clone(),
                 driver: device.driver.clone(),
                 expose: device.expose,
+                force: false,
             });
         }
         if errors.is_empty() {
@@ -167,6 +227,7 @@ impl Config {
             None
         };
         match device.selector {
+            DeviceSelector::Usb(_) => None,
             DeviceSelector::Address(address) => {
                 match sorted.iter().find(|found| found.address == address) {
                     Some(found) => Some(*found),

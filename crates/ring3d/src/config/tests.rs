@@ -66,7 +66,13 @@ fn example_file_parses() {
             heartbeat_timeout: Duration::from_millis(5000),
         }
     );
-    assert_eq!(config.devices.len(), 3);
+    assert_eq!(config.devices.len(), 5);
+    assert_eq!(config.devices[3].driver, DriverConfig::UsbStorage);
+    assert!(config.devices[3].force);
+    assert_eq!(
+        config.devices[4].driver,
+        DriverConfig::Ftdi(SerialOptions { baud: 115_200 })
+    );
     let fast = &config.devices[0];
     assert_eq!(fast.name, "fast0");
     assert_eq!(
@@ -362,7 +368,7 @@ fn neither_pci_nor_match() {
     assert_one_error(
         "[daemon]\n\n[[device]]\nname = \"a\"\ndriver = \"nvme\"\n",
         3,
-        "device \"a\": missing pci or match",
+        "device \"a\": missing pci, match or usb",
     );
 }
 
@@ -784,7 +790,12 @@ fn resolves_addresses_and_matches() {
     let addresses: Vec<(&str, PciAddress)> = plan
         .devices
         .iter()
-        .map(|device| (device.name.as_str(), device.address))
+        .map(|device| {
+            (
+                device.name.as_str(),
+                device.address.pci().expect("a PCI device"),
+            )
+        })
         .collect();
     // index counts in address order, not in the order the machine listed them.
     assert_eq!(
@@ -926,7 +937,10 @@ fn resolve_reads_sysfs_without_changing_it() {
         .resolve(&Sysfs::at(dir.path()))
         .unwrap_or_else(|errors| panic!("{errors}"));
     assert_eq!(plan.devices.len(), 1);
-    assert_eq!(plan.devices[0].address, address("0000:03:00.0"));
+    assert_eq!(
+        plan.devices[0].address,
+        super::DeviceAddress::Pci(address("0000:03:00.0"))
+    );
     assert_eq!(plan.devices[0].current_driver, None);
     assert_eq!(snapshot(), before);
 
@@ -938,5 +952,99 @@ fn resolve_reads_sysfs_without_changing_it() {
             .to_string()
             .starts_with("ring3d.toml: cannot list the PCI devices"),
         "{errors}"
+    );
+}
+
+// --- USB devices ---
+
+#[test]
+fn usb_devices_parse_with_their_options() {
+    let config = parse(
+        "[[device]]\nname = \"stick\"\nusb = \"46f4:0001:R3RAW\"\ndriver = \"usb-storage\"\n\
+         force = true\n\
+         [[device]]\nname = \"tty\"\nusb = \"1-2.3\"\ndriver = \"ftdi\"\n\
+         [device.serial]\nbaud = 9600\n",
+    );
+    let stick = &config.devices[0];
+    assert!(stick.selector.is_usb());
+    assert_eq!(stick.selector.to_string(), "usb 46f4:0001:R3RAW");
+    assert_eq!(stick.driver, DriverConfig::UsbStorage);
+    assert_eq!(stick.expose, Exposure::Ublk);
+    assert!(stick.force);
+    let tty = &config.devices[1];
+    assert_eq!(tty.selector.to_string(), "usb 1-2.3");
+    assert_eq!(tty.driver, DriverConfig::Ftdi(SerialOptions { baud: 9600 }));
+    assert_eq!(tty.expose, Exposure::Pty);
+    assert!(!tty.force);
+    // USB devices are looked up when their driver starts, not at plan time.
+    let plan = config
+        .resolve_against(&machine())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(plan.devices.len(), 2);
+    assert!(plan.devices[0].address.pci().is_none());
+    assert!(
+        plan.devices[0].to_string().contains("detached"),
+        "{}",
+        plan.devices[0]
+    );
+}
+
+#[test]
+fn usb_driver_on_a_pci_device_and_back() {
+    assert_one_error(
+        "[[device]]\nname = \"a\"\npci = \"0000:03:00.0\"\ndriver = \"usb-storage\"\n",
+        3,
+        "driver usb-storage drives a USB device; name it with usb = ",
+    );
+    assert_one_error(
+        "[[device]]\nname = \"a\"\nusb = \"46f4:0001\"\ndriver = \"nvme\"\n",
+        3,
+        "driver nvme drives a PCI device",
+    );
+}
+
+#[test]
+fn bad_usb_addresses_and_mixed_selectors() {
+    assert_one_error(
+        "[[device]]\nname = \"a\"\nusb = \"46f4-zz\"\ndriver = \"usb-storage\"\n",
+        3,
+        "is not a USB device address",
+    );
+    assert_one_error(
+        "[[device]]\nname = \"a\"\nusb = \"46f4:0001\"\npci = \"0000:03:00.0\"\n\
+         driver = \"usb-storage\"\n",
+        4,
+        "keep one",
+    );
+    assert_one_error(
+        "[[device]]\nname = \"a\"\nusb = \"46f4:0001\"\nindex = 1\ndriver = \"usb-storage\"\n",
+        4,
+        "index goes with match, not with usb",
+    );
+}
+
+#[test]
+fn usb_options_are_checked() {
+    assert_one_error(
+        "[[device]]\nname = \"a\"\nusb = \"0403:6001\"\ndriver = \"ftdi\"\n\
+         [device.serial]\nbaud = 5000000\n",
+        6,
+        "baud 5000000 is out of range (183 to 3000000)",
+    );
+    assert_one_error(
+        "[[device]]\nname = \"a\"\nusb = \"46f4:0001\"\ndriver = \"usb-storage\"\n\
+         [device.serial]\nbaud = 9600\n",
+        5,
+        "[device.serial] does not apply to driver usb-storage",
+    );
+    assert_one_error(
+        "[[device]]\nname = \"a\"\npci = \"0000:03:00.0\"\ndriver = \"nvme\"\nforce = true\n",
+        5,
+        "force applies to USB devices",
+    );
+    assert_one_error(
+        "[[device]]\nname = \"a\"\nusb = \"0403:6001\"\ndriver = \"ftdi\"\nexpose = \"ublk\"\n",
+        5,
+        "expose \"ublk\" does not fit driver \"ftdi\"",
     );
 }

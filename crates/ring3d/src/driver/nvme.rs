@@ -23,8 +23,7 @@ use ring3_nvme::{
 };
 use ring3_ublk::{Op, Queue, Request};
 
-use super::ipc_failed;
-use crate::control::IoCounters;
+use super::{ipc_failed, Counters};
 use crate::ipc::{Channel, Hello, NamespaceInfo, ServeDevice, Setup, ToDriver, ToHost};
 
 /// How often a command failed by a controller reset is tried again before the request
@@ -197,54 +196,18 @@ pub(super) fn run(channel: &Channel, setup: &Setup, fds: Vec<OwnedFd>) -> Result
     }
     tracing::info!(devices = served.len(), "serving");
 
-    // The heartbeat: this thread, until every queue thread is done.
-    let period = Duration::from_millis(setup.heartbeat_ms.max(1));
-    let mut seen: Vec<(u64, Instant)> = laps
-        .iter()
-        .map(|lap| (lap.load(Ordering::Relaxed), Instant::now()))
-        .collect();
-    loop {
-        if let Ok(Err(reason)) = ready_rx.recv_timeout(period) {
-            return Err(reason);
-        }
-        if failed.load(Ordering::Acquire) {
-            return Err("a queue thread failed".into());
-        }
-        if threads.iter().all(|t| t.is_finished()) {
-            break;
-        }
-        let now = Instant::now();
-        let mut stuck = None;
-        for (index, (lap, (last, since))) in laps.iter().zip(seen.iter_mut()).enumerate() {
-            let lap = lap.load(Ordering::Relaxed);
-            if lap != *last {
-                (*last, *since) = (lap, now);
-            } else if now.duration_since(*since) > STUCK && !threads[index].is_finished() {
-                stuck = Some(index);
-            }
-        }
-        if let Some(index) = stuck {
-            tracing::warn!(
-                queue = index,
-                "a queue thread is not making progress; no heartbeat"
-            );
-            continue;
-        }
-        let io = counters.snapshot();
-        let beat = ToHost::Heartbeat {
-            io,
-            net: Vec::new(),
-        };
-        if let Err(e) = channel.send(&beat, &[]) {
-            return Err(ipc_failed("sending a heartbeat", e));
-        }
-    }
-    for thread in threads {
-        match thread.join() {
-            Ok(result) => result?,
-            Err(_) => return Err("a queue thread panicked".into()),
-        }
-    }
+    super::beat_while_serving(
+        channel,
+        setup,
+        super::Serving {
+            laps: &laps,
+            threads,
+            failures: &ready_rx,
+            failed: &failed,
+            counters: &counters,
+            stuck_after: STUCK,
+        },
+    )?;
     tracing::info!("every ublk device stopped; exiting");
     Ok(())
 }
@@ -257,55 +220,6 @@ struct Served {
     device: ServeDevice,
     namespace: Namespace,
     cdev: Arc<OwnedFd>,
-}
-
-/// I/O counters shared by the queue threads and read by the heartbeat.
-#[derive(Default)]
-struct Counters {
-    reads: AtomicU64,
-    writes: AtomicU64,
-    flushes: AtomicU64,
-    discards: AtomicU64,
-    read_bytes: AtomicU64,
-    written_bytes: AtomicU64,
-    errors: AtomicU64,
-}
-
-impl Counters {
-    fn snapshot(&self) -> IoCounters {
-        IoCounters {
-            reads: self.reads.load(Ordering::Relaxed),
-            writes: self.writes.load(Ordering::Relaxed),
-            flushes: self.flushes.load(Ordering::Relaxed),
-            discards: self.discards.load(Ordering::Relaxed),
-            read_bytes: self.read_bytes.load(Ordering::Relaxed),
-            written_bytes: self.written_bytes.load(Ordering::Relaxed),
-            errors: self.errors.load(Ordering::Relaxed),
-        }
-    }
-
-    fn count(&self, op: Op, bytes: u64, ok: bool) {
-        let add = |counter: &AtomicU64, n: u64| {
-            counter.fetch_add(n, Ordering::Relaxed);
-        };
-        if !ok {
-            add(&self.errors, 1);
-            return;
-        }
-        match op {
-            Op::Read => {
-                add(&self.reads, 1);
-                add(&self.read_bytes, bytes);
-            }
-            Op::Write => {
-                add(&self.writes, 1);
-                add(&self.written_bytes, bytes);
-            }
-            Op::Flush => add(&self.flushes, 1),
-            Op::Discard | Op::WriteZeroes => add(&self.discards, 1),
-            Op::Other(_) => {}
-        }
-    }
 }
 
 /// What a ublk request becomes on the NVMe side.
