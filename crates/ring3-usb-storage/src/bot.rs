@@ -286,6 +286,15 @@ impl DataStage<'_> {
     }
 }
 
+/// What the data-in stage brought.
+enum DataIn {
+    /// This many bytes, at most what the command asked for.
+    Received(usize),
+    /// More than the command asked for (this many, as far as the buffer saw); the
+    /// command's part was kept.
+    Overrun(usize),
+}
+
 /// How a command that reached its status stage ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommandOutcome {
@@ -563,10 +572,15 @@ impl<T: UsbTransport> BulkOnly<T> {
         // clears it and goes on to the status stage.
         let mut transferred = 0;
         let mut data_stalled = false;
+        let mut overrun = None;
         match &mut data {
             DataStage::None => {}
             DataStage::In(buf) => match self.read_data(command, buf, timeout)? {
-                Some(count) => transferred = count,
+                Some(DataIn::Received(count)) => transferred = count,
+                Some(DataIn::Overrun(count)) => {
+                    transferred = buf.len();
+                    overrun = Some(count);
+                }
                 None => {
                     data_stalled = true;
                     self.clear_halt(command, self.endpoints.bulk_in)?;
@@ -624,6 +638,15 @@ impl<T: UsbTransport> BulkOnly<T> {
         if csw.status == CswStatus::PhaseError {
             return Err(self.recover_with(command, StorageError::PhaseError { command }));
         }
+        // A device that sent more than asked and then a meaningful CSW is in step; a
+        // failed command's padding is harmless, but passed data of the wrong length is
+        // not to be trusted.
+        if let (Some(count), CswStatus::Passed) = (overrun, csw.status) {
+            return Err(StorageError::BadResponse {
+                command,
+                what: format!("the device sent at least {count} bytes, {expected} were expected"),
+            });
+        }
         Ok(CommandOutcome {
             status: csw.status,
             residue: csw.residue,
@@ -634,47 +657,38 @@ impl<T: UsbTransport> BulkOnly<T> {
 
     /// Reads the data-in stage into `buf`. `None` when the device stalled it.
     ///
-    /// When `buf` is not a whole number of packets, a bounce buffer rounded up to one is
-    /// used, so that a device sending more than asked shows up as extra bytes (a phase
-    /// error) instead of a babble that the platform may report in its own way.
+    /// Transfers on the bus are whole packets, so when `buf` is not a whole number of
+    /// them a bounce buffer rounded up to one is used. A device may fill it past the
+    /// command's length (QEMU pads the data stage of a failed command to the host's
+    /// buffer): the excess is dropped and reported as `Overrun`; the CSW then decides
+    /// whether the device is still in step.
     fn read_data(
         &self,
         command: &'static str,
         buf: &mut [u8],
         timeout: Duration,
-    ) -> Result<Option<usize>> {
+    ) -> Result<Option<DataIn>> {
         let packet = self.endpoints.max_packet_in.max(1);
         let received = if buf.len() % packet == 0 {
             self.transport
                 .bulk_in(self.endpoints.bulk_in, buf, timeout)
-                .map(|count| count.min(buf.len()))
+                .map(|count| DataIn::Received(count.min(buf.len())))
         } else {
             let mut bounce = vec![0; buf.len().div_ceil(packet) * packet];
-            match self
-                .transport
+            self.transport
                 .bulk_in(self.endpoints.bulk_in, &mut bounce, timeout)
-            {
-                Ok(count) if count > buf.len() => {
-                    return Err(self.recover_with(
-                        command,
-                        StorageError::BadResponse {
-                            command,
-                            what: format!(
-                                "the device sent at least {count} bytes, {} were expected",
-                                buf.len()
-                            ),
-                        },
-                    ));
-                }
-                Ok(count) => {
-                    buf[..count].copy_from_slice(&bounce[..count]);
-                    Ok(count)
-                }
-                Err(error) => Err(error),
-            }
+                .map(|count| {
+                    let kept = count.min(buf.len());
+                    buf[..kept].copy_from_slice(&bounce[..kept]);
+                    if count > buf.len() {
+                        DataIn::Overrun(count)
+                    } else {
+                        DataIn::Received(count)
+                    }
+                })
         };
         match received {
-            Ok(count) => Ok(Some(count)),
+            Ok(data) => Ok(Some(data)),
             Err(TransferError::Stall) => Ok(None),
             Err(source) => Err(self.transfer_failed(command, PHASE_DATA_IN, source, timeout)),
         }

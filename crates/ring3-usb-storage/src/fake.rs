@@ -67,6 +67,10 @@ pub struct FakeConfig {
     pub write_protected: bool,
     /// SYNCHRONIZE CACHE fails with ILLEGAL REQUEST, invalid operation code.
     pub no_synchronize_cache: bool,
+    /// A failed command with a data-in stage fills the host's whole transfer (whole
+    /// packets, possibly more than the CBW asked for) with zeros instead of stalling,
+    /// as QEMU's usb-storage does.
+    pub pad_failed_data_in: bool,
     /// The Bulk-Only Mass Storage Reset request stalls (a device that cannot recover).
     pub stall_reset: bool,
     /// READ CAPACITY(10) answers these raw 8 bytes instead of the real capacity.
@@ -93,6 +97,7 @@ impl Default for FakeConfig {
             write_protected: false,
             no_synchronize_cache: false,
             stall_reset: false,
+            pad_failed_data_in: false,
             read_capacity_10_override: None,
             read_capacity_16_override: None,
         }
@@ -168,6 +173,8 @@ enum Phase {
         data: Vec<u8>,
         sent: usize,
         csw: CommandStatusWrapper,
+        /// Fill the host's buffer, whatever its size (padding of a failed command).
+        fill_buffer: bool,
     },
     /// Receiving `expected` bytes; then the command runs and the CSW is sent.
     DataOut {
@@ -532,15 +539,23 @@ impl State {
             self.in_halted = true;
             status = self.check_condition(0x3, 0x11, 0x00);
         }
-        // A failed command with a data-in stage ends it by stalling (§6.7.2).
-        if status == CswStatus::Failed
+        // A failed command with a data-in stage ends it by stalling (§6.7.2), or pads it.
+        let failed_data_in = status == CswStatus::Failed
             && cbw.direction == Direction::In
             && expected > 0
-            && data.is_empty()
-        {
+            && data.is_empty();
+        let fill_buffer = failed_data_in && self.config.pad_failed_data_in;
+        if failed_data_in && !fill_buffer {
             self.in_halted = true;
         }
-        let residue = expected.saturating_sub(data.len().min(expected)) as u32;
+        if fill_buffer {
+            data = vec![0; expected];
+        }
+        let residue = if fill_buffer {
+            expected as u32
+        } else {
+            expected.saturating_sub(data.len().min(expected)) as u32
+        };
         let csw = CommandStatusWrapper {
             tag: cbw.tag,
             residue,
@@ -551,7 +566,12 @@ impl State {
                 raw: self.status_bytes(csw),
             };
         } else {
-            self.phase = Phase::DataIn { data, sent: 0, csw };
+            self.phase = Phase::DataIn {
+                data,
+                sent: 0,
+                csw,
+                fill_buffer,
+            };
         }
     }
 
@@ -578,14 +598,26 @@ impl State {
             return Err(TransferError::Stall);
         }
         match &mut self.phase {
-            Phase::DataIn { data, sent, csw } => {
+            Phase::DataIn {
+                data,
+                sent,
+                csw,
+                fill_buffer,
+            } => {
                 if self.fault == Some(Fault::TimeoutData) {
                     self.phase = Phase::NeedsReset;
                     return Err(TransferError::Timeout);
                 }
-                let count = buf.len().min(data.len() - *sent);
-                buf[..count].copy_from_slice(&data[*sent..*sent + count]);
-                *sent += count;
+                let count = if *fill_buffer {
+                    buf.fill(0);
+                    *sent = data.len();
+                    buf.len()
+                } else {
+                    let count = buf.len().min(data.len() - *sent);
+                    buf[..count].copy_from_slice(&data[*sent..*sent + count]);
+                    *sent += count;
+                    count
+                };
                 if *sent == data.len() {
                     let csw = *csw;
                     self.phase = Phase::Status {

@@ -861,3 +861,42 @@ fn pass_through_commands_report_the_devices_sense() {
     assert_eq!(len, 36);
     assert_eq!(&data[8..13], b"RING3");
 }
+
+#[test]
+fn padding_of_a_failed_command_past_the_commands_length_is_dropped() {
+    // QEMU's usb-storage on a SuperSpeed port: 1024-byte packets, and a failed READ's
+    // data stage padded to the host's whole transfer.
+    let (device, disk) = open(FakeConfig {
+        max_packet_size: 1024,
+        pad_failed_data_in: true,
+        ..FakeConfig::default()
+    });
+    let cdb = crate::scsi::rw_10(opcode::READ_10, 2048, 1);
+    let mut buf = [0; 512];
+    let error = disk
+        .scsi_command("READ(10)", &cdb, crate::bot::DataStage::In(&mut buf))
+        .expect_err("past the end");
+    let sense = error
+        .sense()
+        .unwrap_or_else(|| panic!("no sense in {error}"));
+    assert_eq!((sense.key, sense.asc), (SenseKey::ILLEGAL_REQUEST, 0x21));
+    assert_eq!(device.stats().resets, 0, "no reset for padding");
+    assert_works(&device, &disk);
+    // Passed data past the command's length is not trusted.
+    device.inject(Fault::ExtraData(100));
+    let mut inquiry = [0; 36];
+    let error = disk
+        .scsi_command(
+            "INQUIRY",
+            &crate::scsi::inquiry(36),
+            crate::bot::DataStage::In(&mut inquiry),
+        )
+        .expect_err("overlong");
+    assert!(
+        error
+            .to_string()
+            .contains("at least 136 bytes, 36 were expected"),
+        "{error}"
+    );
+    assert_works(&device, &disk);
+}
