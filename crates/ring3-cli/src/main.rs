@@ -13,6 +13,7 @@ mod nvme;
 mod pci;
 mod size;
 mod usb;
+mod usb_serial;
 mod usb_storage;
 
 use std::error::Error as StdError;

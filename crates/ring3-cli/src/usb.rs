@@ -46,6 +46,10 @@ pub enum UsbArgs {
     /// Drive a mass-storage device (flash drive, disk, card reader) with ring3's driver:
     /// info, read, write, verify.
     Storage(crate::usb_storage::StorageArgs),
+    /// Drive an FT232 USB serial adapter with ring3's driver and expose it as a
+    /// pseudo-terminal (printed, and linked as /run/ring3/ttyUSB-<serial>) until Ctrl-C
+    /// or SIGTERM; stty on the pty sets the adapter's baud rate and flow control.
+    Serial(crate::usb_serial::SerialArgs),
 }
 
 /// Options of `usb list`.
@@ -78,6 +82,7 @@ pub fn run(args: UsbArgs) -> Result<(), CommandError> {
         UsbArgs::List(args) => list(args),
         UsbArgs::Claim(args) => claim(args),
         UsbArgs::Storage(args) => crate::usb_storage::run(args),
+        UsbArgs::Serial(args) => crate::usb_serial::run(args),
     }
 }
 
