@@ -219,6 +219,7 @@ fn fio_verify_child(device: &str, seed: u32) -> Child {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            "--verify_state_save=0",
             &format!("--randseed={seed}"),
         ])
         .stdout(Stdio::piped())
