@@ -225,7 +225,9 @@ fn lab_usb_storage_out_of_range_is_refused_clearly() {
     let error = disk
         .scsi_command("READ(10)", &cdb, DataStage::In(&mut buf))
         .expect_err("QEMU refuses it");
-    let sense = error.sense().expect("sense data");
+    let sense = error
+        .sense()
+        .unwrap_or_else(|| panic!("no sense data in: {error}"));
     assert_eq!(sense.key, SenseKey::ILLEGAL_REQUEST, "{error}");
     assert_eq!(sense.asc, 0x21, "{error}");
     eprintln!("{error}");
