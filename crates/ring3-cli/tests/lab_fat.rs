@@ -71,7 +71,8 @@ impl Server {
             .spawn()
             .expect("starting ring3 mount-fat");
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !mounted(mountpoint) {
+        // Mounted, and the command has said so (it prints once the mount is up).
+        while !mounted(mountpoint) || !read_log(log).contains("mounted") {
             if let Some(status) = child.try_wait().expect("polling ring3") {
                 panic!(
                     "ring3 mount-fat exited ({status}) before mounting:\n{}",
