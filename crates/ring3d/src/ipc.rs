@@ -89,9 +89,6 @@ pub struct Setup {
     pub max_io_bytes: u32,
     /// Namespaces to serve; empty: all.
     pub namespaces: Vec<u32>,
-    /// Serial drivers: the line speed to start with.
-    #[serde(default)]
-    pub baud: u32,
 }
 
 fn nvme() -> String {

@@ -552,10 +552,6 @@ impl Runner {
             queue_depth,
             max_io_bytes: MAX_IO_BYTES,
             namespaces,
-            baud: match &self.context.device.driver {
-                DriverConfig::Ftdi(options) => options.baud,
-                _ => 0,
-            },
         };
         let sent = match &handoff {
             Handoff::Vfio(backend) => {
@@ -669,9 +665,14 @@ impl Runner {
         if self.pty.is_none() {
             let serial = self.usb.as_ref().and_then(|usb| usb.serial.clone());
             let label = serial.unwrap_or_else(|| self.context.device.name.clone());
+            let baud = match &self.context.device.driver {
+                DriverConfig::Ftdi(options) => options.baud,
+                _ => crate::config::SerialOptions::default().baud,
+            };
             self.pty = Some(crate::usb::PtyExposure::create(
                 &self.context.tty_dir,
                 &label,
+                baud,
             )?);
         }
         let Some(pty) = &self.pty else {

@@ -161,10 +161,14 @@ pub struct PtyExposure {
 }
 
 impl PtyExposure {
-    /// Opens a new terminal and links `<dir>/ttyUSB-<label>` to it.
-    pub fn create(dir: &Path, label: &str) -> Result<PtyExposure, String> {
+    /// Opens a new terminal at `baud` and links `<dir>/ttyUSB-<label>` to it. The
+    /// terminal's settings are the port's: the driver applies them, and what applications
+    /// set later stays with the terminal across driver restarts.
+    pub fn create(dir: &Path, label: &str, baud: u32) -> Result<PtyExposure, String> {
         let pty = ring3_ftdi::serial::Pty::open()
             .map_err(|e| format!("creating the pseudo-terminal: {e}"))?;
+        ring3_ftdi::serial::set_baud(pty.master(), baud)
+            .map_err(|e| format!("setting the terminal to {baud} baud: {e}"))?;
         let link_path = dir.join(format!("ttyUSB-{}", link_label(label)));
         let link = ring3_ftdi::serial::link(&link_path, pty.slave_path())
             .map_err(|e| format!("linking {} to the terminal: {e}", link_path.display()))?;

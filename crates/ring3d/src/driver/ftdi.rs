@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ring3_ftdi::{serial, Ft232, LineSettings};
+use ring3_ftdi::{serial, Ft232};
 
 use super::ipc_failed;
 use crate::control::IoCounters;
@@ -30,13 +30,8 @@ pub(super) fn run(channel: &Channel, setup: &Setup, fds: Vec<OwnedFd>) -> Result
         .bulk_endpoints()
         .map_err(|e| format!("interface {INTERFACE}: {e}"))?;
     let port = Ft232::new(claimed, endpoints).map_err(|e| format!("bringing the FT232 up: {e}"))?;
-    let settings = LineSettings {
-        baud: setup.baud,
-        ..LineSettings::default()
-    };
-    port.set_line(&settings)
-        .map_err(|e| format!("setting {} baud: {e}", setup.baud))?;
-    tracing::info!(baud = setup.baud, "serial port up");
+    // The line settings come from the terminal: the bridge applies them as it starts.
+    tracing::info!("serial port up");
     channel
         .send(
             &ToHost::SerialHello {
