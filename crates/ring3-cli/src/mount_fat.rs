@@ -77,7 +77,9 @@ fn announce(mounted: &Mounted) {
         mounted.fat_name(),
         mounted.device.display()
     );
-    println!("unmount with `umount {mountpoint}` (as a user: `fusermount3 -u {mountpoint}`) or Ctrl-C");
+    println!(
+        "unmount with `umount {mountpoint}` (as a user: `fusermount3 -u {mountpoint}`) or Ctrl-C"
+    );
     let _ = std::io::stdout().flush();
 }
 
@@ -93,7 +95,10 @@ pub fn run(args: MountFatArgs) -> Result<(), ring3_fat::Error> {
         ..MountOptions::default()
     };
     ring3_fat::mount(&args.device, &args.mountpoint, &options, announce)?;
-    println!("unmounted {}; the volume is written back", args.mountpoint.display());
+    println!(
+        "unmounted {}; the volume is written back",
+        args.mountpoint.display()
+    );
     Ok(())
 }
 
