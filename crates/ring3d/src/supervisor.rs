@@ -867,11 +867,22 @@ impl Runner {
         let timeout = self.context.daemon.heartbeat_timeout;
         let mut last = Instant::now();
         let mut said: Option<String> = None;
+        let mut looked_for_usb = Instant::now();
         loop {
             match requests.try_recv() {
                 Ok(request) => return Watched::Asked(request),
                 Err(mpsc::TryRecvError::Empty) => {}
                 Err(mpsc::TryRecvError::Disconnected) => return Watched::Asked(Request::Shutdown),
+            }
+            // An idle driver would notice an unplugged device only at its next transfer.
+            if looked_for_usb.elapsed() >= USB_POLL {
+                looked_for_usb = Instant::now();
+                if self.usb_device_gone() {
+                    let how = driver.kill();
+                    return Watched::Died(format!(
+                        "the USB device was unplugged (the driver {how})"
+                    ));
+                }
             }
             match driver
                 .channel

@@ -445,3 +445,90 @@ fn echo_round_trip(terminal: &mut File, seed: u64, len: usize) {
     assert_eq!(got.len(), data.len(), "every byte came back");
     assert!(got == data, "the echo matches what was written");
 }
+
+/// The hub port a USB device is plugged into (`.../1-0:1.0/usb1-port2`), and the hub
+/// interface that port belongs to (`1-0:1.0`).
+fn hub_port(serial: &str) -> (PathBuf, String) {
+    let device = usb_device_dir(serial).expect("the device is plugged in");
+    let port = fs::canonicalize(device.join("port")).expect("the device's port link");
+    let hub = port
+        .parent()
+        .and_then(Path::file_name)
+        .expect("the hub interface above the port")
+        .to_string_lossy()
+        .into_owned();
+    (port, hub)
+}
+
+/// Unplugging the stick under ring3d: its state becomes `waiting` (no restart charged),
+/// a read issued meanwhile waits instead of failing, and when the stick is plugged back
+/// in a new driver serves the same /dev/ublkbN, which answers that read with the data
+/// written before the unplug.
+#[test]
+#[ignore = "needs the lab VM: cargo xtask test"]
+fn lab_ring3d_usb_unplugged_stick_waits_and_comes_back() {
+    in_lab();
+    let devices = usb_device("stick", RAW_STICK, "usb-storage", "");
+    let mut daemon = Daemon::launch("usb-unplug", "", &devices, &[], None);
+    let (pid, device) = block_device(&mut daemon, 0);
+    let data = pattern(9, 0, 1 << 20);
+    let file = OpenOptions::new()
+        .write(true)
+        .open(&device)
+        .expect("opening the block device");
+    file.write_all_at(&data, 0).expect("writing 1 MiB");
+    file.sync_all().expect("fsync");
+    drop(file);
+    drop_caches();
+
+    // Unplug: the hub port goes dark.
+    let (port, hub) = hub_port("R3RAW");
+    fs::write(port.join("disable"), "1").expect("disabling the port");
+    let status = daemon.wait_for("waiting", Duration::from_secs(60));
+    let reason = status["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("not plugged in"), "{status}");
+    assert_eq!(status["restarts"], 0, "an unplug is not the driver's fault");
+    assert!(status["pid"].is_null(), "{status}");
+
+    // A read while the stick is away is held, not failed.
+    let reader = {
+        let device = device.clone();
+        std::thread::spawn(move || {
+            let file = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&device)
+                .expect("opening the block device");
+            let mut buf = AlignedBlock([0u8; 4096]);
+            file.read_exact_at(&mut buf.0, 8192)
+                .map(|()| buf.0.to_vec())
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!reader.is_finished(), "the read waits for the stick");
+
+    // Plug it back in: enable the port and have the hub look at its ports again.
+    fs::write(port.join("disable"), "0").expect("enabling the port");
+    let output = sh(&format!(
+        "echo {hub} > /sys/bus/usb/drivers/hub/unbind && echo {hub} > /sys/bus/usb/drivers/hub/bind"
+    ));
+    assert!(output.status.success(), "re-probing the hub");
+    let (new_pid, again) = block_device(&mut daemon, pid);
+    assert_ne!(new_pid, pid, "a new driver");
+    assert_eq!(again, device, "the same block device");
+    let read = reader
+        .join()
+        .expect("the reader")
+        .expect("the held read succeeded");
+    assert!(
+        read == data[8192..8192 + 4096],
+        "and read what was written before"
+    );
+    let status = daemon.status().expect("status");
+    assert_eq!(status["restarts"], 0, "{status}");
+    daemon.stop();
+}
+
+/// A block-aligned buffer for O_DIRECT.
+#[repr(align(4096))]
+struct AlignedBlock([u8; 4096]);
