@@ -7,6 +7,7 @@ mod bench;
 mod bench_net;
 mod daemon;
 mod edu;
+mod hexdump;
 mod mount_fat;
 mod net;
 mod nvme;

@@ -10,6 +10,9 @@ use ring3::{Backend, DmaBuffer};
 use ring3_nvme::{Controller, ControllerOptions, IoQueue, IoQueueOptions, Namespace};
 use serde_json::json;
 
+use crate::hexdump::hex_dump;
+use crate::size::human_bytes;
+
 /// Drive an NVMe controller bound to vfio-pci.
 #[derive(Debug, clap::Args)]
 pub struct NvmeArgs {
@@ -139,21 +142,6 @@ fn namespace_json(ns: &Namespace) -> serde_json::Value {
         "metadata_size": ns.metadata_size,
         "deallocated_reads_zeroes": ns.deallocated_reads_zeroes,
     })
-}
-
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 fn identify<B: Backend>(controller: &Controller<B>, as_json: bool) -> ring3::Result<()> {
@@ -498,7 +486,11 @@ fn read<B: Backend>(controller: &Controller<B>, args: ReadArgs) -> ring3::Result
                            "bytes": total, "data_hex": hex(&all)})
                 );
             } else {
-                hex_dump(&all, args.range.lba * block_size as u64);
+                let base = args.range.lba * block_size as u64;
+                hex_dump(&all, base);
+                if !all.is_empty() {
+                    println!("{:08x}", base + all.len() as u64);
+                }
             }
         }
         Sink::File(_) | Sink::Stdout => {
@@ -522,42 +514,6 @@ fn read<B: Backend>(controller: &Controller<B>, args: ReadArgs) -> ring3::Result
 
 fn hex(data: &[u8]) -> String {
     data.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// `xxd`-style: offset, 16 bytes in hex, printable ASCII; runs of identical lines become `*`.
-fn hex_dump(data: &[u8], base: u64) {
-    let mut previous: Option<&[u8]> = None;
-    let mut starred = false;
-    for (i, line) in data.chunks(16).enumerate() {
-        if previous == Some(line) && line.len() == 16 {
-            if !starred {
-                println!("*");
-                starred = true;
-            }
-            continue;
-        }
-        starred = false;
-        previous = Some(line);
-        let hex: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
-        let text: String = line
-            .iter()
-            .map(|&b| {
-                if (0x20..0x7f).contains(&b) {
-                    b as char
-                } else {
-                    '.'
-                }
-            })
-            .collect();
-        println!(
-            "{:08x}  {:<47}  {text}",
-            base + (i * 16) as u64,
-            hex.join(" ")
-        );
-    }
-    if !data.is_empty() {
-        println!("{:08x}", base + data.len() as u64);
-    }
 }
 
 fn write<B: Backend>(controller: &Controller<B>, mut args: WriteArgs) -> ring3::Result<()> {
@@ -703,11 +659,5 @@ mod tests {
         assert_eq!(parse_byte("0xab"), Ok(0xab));
         assert!(parse_byte("256").is_err());
         assert!(parse_byte("x").is_err());
-    }
-
-    #[test]
-    fn sizes_are_human() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(64 << 20), "64.0 MiB");
     }
 }

@@ -1,5 +1,6 @@
 //! Byte sizes on the command line: plain bytes or with a binary suffix, as fio takes them
-//! (`4k` = 4096, `128K`, `1m`, `2G`; `KiB`, `MiB`, `GiB` and a trailing `b` also work).
+//! (`4k` = 4096, `128K`, `1m`, `2G`; `KiB`, `MiB`, `GiB` and a trailing `b` also work);
+//! and back, for people.
 
 /// Parses `4096`, `4k`, `4KiB`, `1m`, `2g`.
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -28,6 +29,22 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{text}` is too large"))
 }
 
+/// `512 B`, `64.0 MiB`: binary units with one decimal.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,5 +65,11 @@ mod tests {
         for text in ["", "k", "4x", "-1", "99999999999999999999", "16777216t"] {
             assert!(parse_size(text).is_err(), "{text}");
         }
+    }
+
+    #[test]
+    fn sizes_are_human() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(64 << 20), "64.0 MiB");
     }
 }

@@ -12,7 +12,8 @@ use ring3_usb::{ClaimedInterface, UsbAddress, UsbDevice, UsbTransport};
 use ring3_usb_storage::{MassStorage, MassStorageOptions, StorageError};
 use serde_json::json;
 
-use crate::size::parse_size;
+use crate::hexdump::hex_dump;
+use crate::size::{human_bytes, parse_size};
 use crate::CommandError;
 
 /// USB mass storage: interface class 08h, SCSI transparent command set (06h),
@@ -155,21 +156,6 @@ fn device_type_name(device_type: u8) -> &'static str {
         0x05 => "CD/DVD",
         0x0E => "simplified direct-access device",
         _ => "other",
-    }
-}
-
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
     }
 }
 
@@ -467,38 +453,6 @@ fn check_pattern(seed: u64, lba: u64, block_size: usize, data: &[u8]) -> Result<
         return Err(format!("block {} does not hold pattern {seed}", lba + bad).into());
     }
     Ok(())
-}
-
-fn hex_dump(data: &[u8], base: u64) {
-    let mut previous: Option<&[u8]> = None;
-    let mut starred = false;
-    for (index, line) in data.chunks(16).enumerate() {
-        if previous == Some(line) && line.len() == 16 {
-            if !starred {
-                println!("*");
-                starred = true;
-            }
-            continue;
-        }
-        starred = false;
-        previous = Some(line);
-        let hex: Vec<String> = line.iter().map(|byte| format!("{byte:02x}")).collect();
-        let text: String = line
-            .iter()
-            .map(|&byte| {
-                if (0x20..0x7f).contains(&byte) {
-                    char::from(byte)
-                } else {
-                    '.'
-                }
-            })
-            .collect();
-        println!(
-            "{:08x}  {:<47}  {text}",
-            base + (index * 16) as u64,
-            hex.join(" ")
-        );
-    }
 }
 
 #[cfg(test)]
