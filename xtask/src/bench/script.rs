@@ -202,19 +202,94 @@ echo "bench: NVMe controller $addr, namespace 1 is /dev/$disk"
     echo "cpus=$(nproc)"
     echo "memory_kib=$(awk '/^MemTotal:/ {{ print $2 }}' /proc/meminfo)"
 }} > "$T/info"
-emit info guest 0 "$T/info"
-# measure_fio SOURCE DEVICE ID DESCRIPTION FIO-OPTIONS...
-measure_fio() {{
+emit info guest 0 "$T/info""#
+    );
+    s.push_str(MEASURE_FIO);
+    let _ = writeln!(
+        s,
+        r#"# measure_kernel ID DESCRIPTION FIO-OPTIONS...
+measure_kernel() {{ measure_fio kernel "/dev/$disk" "$@"; }}"#
+    );
+}
+
+/// `measure_fio`: one fio run on a block device, its JSON output emitted as SOURCE ID.
+pub const MEASURE_FIO: &str = r#"# measure_fio SOURCE DEVICE ID DESCRIPTION FIO-OPTIONS...
+measure_fio() {
     src=$1; dev=$2; id=$3; shift 3
     say "$src: $1"; shift
     fio --filename="$dev" "$@" --output="$T/$src-$id.json" > "$T/$src-$id.log" 2>&1
     rc=$?
     [ $rc = 0 ] || show "$T/$src-$id.log"
     emit "$src" "$id" $rc "$T/$src-$id.json"
+}
+"#;
+
+/// ring3d's control socket in the guest, for the benches that run it.
+pub const RING3D_SOCKET: &str = "/tmp/ring3d.sock";
+
+/// The `[daemon]` part of ring3d's config in the guest, a blank line after it; the
+/// driver processes run as `nobody`.
+pub fn ring3d_settings() -> String {
+    format!(
+        r#"[daemon]
+socket = "{RING3D_SOCKET}"
+driver_user = "nobody"
+heartbeat_ms = 200
+heartbeat_timeout_ms = 3000
+restart_budget = {{ restarts = 100, window_s = 3600 }}
+
+"#
+    )
+}
+
+/// The shell functions for a ring3d started as `$daemon`: `alive PID`, `status_json`
+/// (`ring3 status --json`) and `daemon_failed MESSAGE`, which shows ring3d's log, emits
+/// its status and ends the script with `exit_status`.
+pub fn ring3d_functions(ring3: &str, exit_status: i32) -> String {
+    let ring3 = shell_quote(ring3);
+    format!(
+        r#"# alive PID: the process runs (a zombie does not).
+alive() {{ [ -r "/proc/$1/stat" ] && [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" != Z ]; }}
+# status_json: ring3d's view of its devices, on one line without blanks.
+status_json() {{ {ring3} status --json --socket {RING3D_SOCKET} 2>/dev/null | tr -d ' \n\t'; }}
+daemon_failed() {{
+    echo "bench: $*; ring3d's log:"
+    show "$T/ring3d.log"
+    status_json > "$T/status.json"
+    emit status ring3d 1 "$T/status.json"
+    exit {exit_status}
 }}
-# measure_kernel ID DESCRIPTION FIO-OPTIONS...
-measure_kernel() {{ measure_fio kernel "/dev/$disk" "$@"; }}"#
-    );
+"#
+    )
+}
+
+/// The end of a script that started ring3d: its status emitted, then ring3d stopped with
+/// SIGTERM (SIGKILL after 60 s) and its exit status and stop time emitted as `info stop`,
+/// with `more` (shell lines that echo `key=value`) in that block; `exit 0`.
+pub fn stop_ring3d(more: &str) -> String {
+    format!(
+        r#"status_json > "$T/status.json"
+emit status ring3d 0 "$T/status.json"
+say "ring3d: stopping it (SIGTERM)"
+t0=$(date +%s%N)
+kill -TERM "$daemon"
+tries=0
+while alive "$daemon" && [ $tries -lt 600 ]; do sleep 0.1; tries=$((tries + 1)); done
+if alive "$daemon"; then
+    echo "bench: ring3d still runs 60 s after SIGTERM; killing it"
+    kill -KILL "$daemon"
+fi
+wait "$daemon"
+rc=$?
+{{
+    echo "stop_status=$rc"
+    echo "stop_ms=$(( ($(date +%s%N) - t0) / 1000000 ))"
+{more}}} > "$T/stop"
+[ $rc = 0 ] || show "$T/ring3d.log"
+emit info stop 0 "$T/stop"
+exit 0
+"#
+    )
 }
 
 /// `measure_ring3` (`ring3 bench nvme` on the controller, reported as SOURCE), and

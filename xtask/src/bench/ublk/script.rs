@@ -22,15 +22,14 @@
 
 use std::fmt::Write as _;
 
-use crate::bench::script::{fill, preamble, ring3_functions};
+use crate::bench::script::{
+    fill, preamble, ring3_functions, ring3d_functions, ring3d_settings, stop_ring3d,
+};
 use crate::bench::workload::Workload;
 use crate::lab::{shell_join, shell_quote};
 
 /// Exit status when ring3d did not bring the device up.
 pub const EXIT_DAEMON_FAILED: i32 = 6;
-
-/// ring3d's control socket in the guest.
-pub const SOCKET: &str = "/tmp/ring3d.sock";
 
 /// The name of the device in ring3d's config.
 pub const DEVICE_NAME: &str = "nvme0";
@@ -74,15 +73,9 @@ impl Plan<'_> {
 
 /// ring3d's config for the controller at `$addr`.
 fn daemon_config() -> String {
+    let settings = ring3d_settings();
     format!(
-        r#"[daemon]
-socket = "{SOCKET}"
-driver_user = "nobody"
-heartbeat_ms = 200
-heartbeat_timeout_ms = 3000
-restart_budget = {{ restarts = 100, window_s = 3600 }}
-
-[[device]]
+        r#"{settings}[[device]]
 name = "{DEVICE_NAME}"
 pci = "$addr"
 driver = "nvme"
@@ -101,17 +94,13 @@ pub fn guest_script(plan: &Plan<'_>) -> String {
     let region = plan.region_bytes;
     let mut s = preamble("ublk", plan.steps());
     s.push_str(&ring3_functions(plan.ring3, duration, region));
-    let ring3 = shell_quote(plan.ring3);
     let ring3d = shell_quote(plan.ring3d);
     let kills = plan.kills;
     let config = daemon_config();
+    s.push_str(&ring3d_functions(plan.ring3, EXIT_DAEMON_FAILED));
     let _ = writeln!(
         s,
-        r#"# alive PID: the process runs (a zombie does not).
-alive() {{ [ -r "/proc/$1/stat" ] && [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" != Z ]; }}
-# status_json: ring3d's view of its devices, on one line without blanks.
-status_json() {{ {ring3} status --json --socket {SOCKET} 2>/dev/null | tr -d ' \n\t'; }}
-# wait_running OLD-PID SECONDS: wait until the device runs with a driver process other
+        r#"# wait_running OLD-PID SECONDS: wait until the device runs with a driver process other
 # than OLD-PID and has its ublk block device; sets pid and ublk. Says each other state.
 wait_running() {{
     deadline=$(( $(date +%s) + $2 ))
@@ -141,13 +130,6 @@ timed_read() {{
     timeout {START_TIMEOUT_S} dd if="$ublk" of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null
     rc=$?
     us=$(( ($(date +%s%N) - t0) / 1000 ))
-}}
-daemon_failed() {{
-    echo "bench: $*; ring3d's log:"
-    show "$T/ring3d.log"
-    status_json > "$T/status.json"
-    emit status ring3d 1 "$T/status.json"
-    exit {EXIT_DAEMON_FAILED}
 }}"#
     );
 
@@ -234,30 +216,12 @@ kill -INT "$reader" 2>/dev/null
 wait "$reader"
 emit reader reader $? "$T/reader.json"
 emit recovery kills 0 "$T/recovery"
-[ $up = 1 ] || daemon_failed "the device did not come back after kill $i"
-status_json > "$T/status.json"
-emit status ring3d 0 "$T/status.json"
-
-say "ring3d: stopping it (SIGTERM)"
-t0=$(date +%s%N)
-kill -TERM "$daemon"
-tries=0
-while alive "$daemon" && [ $tries -lt 600 ]; do sleep 0.1; tries=$((tries + 1)); done
-if alive "$daemon"; then
-    echo "bench: ring3d still runs 60 s after SIGTERM; killing it"
-    kill -KILL "$daemon"
-fi
-wait "$daemon"
-rc=$?
-{{
-    echo "stop_status=$rc"
-    echo "stop_ms=$(( ($(date +%s%N) - t0) / 1000000 ))"
-    if find_disk; then echo "after_stop=back on nvme as /dev/$disk"; else echo "after_stop=not back on nvme"; fi
-}} > "$T/stop"
-[ $rc = 0 ] || show "$T/ring3d.log"
-emit info stop 0 "$T/stop"
-exit 0"#
+[ $up = 1 ] || daemon_failed "the device did not come back after kill $i""#
     );
+    s.push_str(&stop_ring3d(
+        r#"    if find_disk; then echo "after_stop=back on nvme as /dev/$disk"; else echo "after_stop=not back on nvme"; fi
+"#,
+    ));
     s
 }
 

@@ -16,7 +16,7 @@
 
 use std::fmt::Write as _;
 
-use crate::bench::script::helpers;
+use crate::bench::script::{helpers, ring3d_functions, ring3d_settings, stop_ring3d, MEASURE_FIO};
 use crate::bench::workload::Workload;
 use crate::lab::{shell_join, shell_quote, usb};
 
@@ -28,9 +28,6 @@ pub const EXIT_FILL_FAILED: i32 = 4;
 pub const EXIT_RELEASE_FAILED: i32 = 5;
 /// Exit status when ring3d did not bring the device up.
 pub const EXIT_DAEMON_FAILED: i32 = 6;
-
-/// ring3d's control socket in the guest.
-pub const SOCKET: &str = "/tmp/ring3d.sock";
 
 /// The name of the device in ring3d's config.
 pub const DEVICE_NAME: &str = "usb0";
@@ -69,15 +66,9 @@ impl Plan<'_> {
 
 /// ring3d's config for the `R3RAW` device (the daemon's settings as in the ublk bench).
 pub fn daemon_config() -> String {
+    let settings = ring3d_settings();
     format!(
-        r#"[daemon]
-socket = "{SOCKET}"
-driver_user = "nobody"
-heartbeat_ms = 200
-heartbeat_timeout_ms = 3000
-restart_budget = {{ restarts = 100, window_s = 3600 }}
-
-[[device]]
+        r#"{settings}[[device]]
 name = "{DEVICE_NAME}"
 usb = "{VID_PID}:{serial}"
 driver = "usb-storage"
@@ -125,17 +116,13 @@ bound_drivers() {{
     for i in "$usbdev"/*:*; do
         [ -e "$i/driver" ] && basename "$(readlink "$i/driver")"
     done
-}}
-# measure_fio SOURCE DEVICE ID DESCRIPTION FIO-OPTIONS...
-measure_fio() {{
-    src=$1; dev=$2; id=$3; shift 3
-    say "$src: $1"; shift
-    fio --filename="$dev" "$@" --output="$T/$src-$id.json" > "$T/$src-$id.log" 2>&1
-    rc=$?
-    [ $rc = 0 ] || show "$T/$src-$id.log"
-    emit "$src" "$id" $rc "$T/$src-$id.json"
-}}
-usb_device {VID_PID}:{serial} || {{ echo "bench: no USB device {VID_PID} with serial {serial} in the guest"; exit {EXIT_NO_DEVICE}; }}
+}}"#,
+        ticks = START_TIMEOUT_S * 10,
+    );
+    s.push_str(MEASURE_FIO);
+    let _ = writeln!(
+        s,
+        r#"usb_device {VID_PID}:{serial} || {{ echo "bench: no USB device {VID_PID} with serial {serial} in the guest"; exit {EXIT_NO_DEVICE}; }}
 say "kernel: loading sd_mod and usb-storage"
 modprobe sd_mod && modprobe usb-storage || {{ echo "bench: could not load usb-storage"; exit {EXIT_NO_DEVICE}; }}
 find_disk || exit {EXIT_NO_DEVICE}
@@ -160,8 +147,7 @@ fio --name=fill --filename="/dev/$disk" --ioengine=io_uring --direct=1 --rw=writ
 rc=$?
 [ $rc = 0 ] || show "$T/fill.log"
 emit fill fill $rc "$T/fill.json"
-[ $rc = 0 ] || {{ echo "bench: the fill pass failed (fio exit status $rc)"; exit {EXIT_FILL_FAILED}; }}"#,
-        ticks = START_TIMEOUT_S * 10,
+[ $rc = 0 ] || {{ echo "bench: the fill pass failed (fio exit status $rc)"; exit {EXIT_FILL_FAILED}; }}"#
     );
     for workload in plan.workloads {
         let _ = writeln!(
@@ -176,7 +162,6 @@ emit fill fill $rc "$T/fill.json"
         let _ = writeln!(s, "exit 0");
         return s;
     };
-    let ring3 = shell_quote(ring3);
     let ring3d = shell_quote(ring3d);
     let config = daemon_config();
     let _ = writeln!(
@@ -184,12 +169,12 @@ emit fill fill $rc "$T/fill.json"
         r#"say "kernel: letting go of {serial}: rmmod usb-storage"
 sync
 rmmod usb_storage || {{ echo "bench: rmmod usb-storage failed"; exit {EXIT_RELEASE_FAILED}; }}
-[ -z "$(bound_drivers)" ] || {{ echo "bench: the device's interfaces are still bound to: $(bound_drivers)"; exit {EXIT_RELEASE_FAILED}; }}
-# alive PID: the process runs (a zombie does not).
-alive() {{ [ -r "/proc/$1/stat" ] && [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" != Z ]; }}
-# status_json: ring3d's view of its devices, on one line without blanks.
-status_json() {{ {ring3} status --json --socket {SOCKET} 2>/dev/null | tr -d ' \n\t'; }}
-# wait_running SECONDS: wait until the device runs and has its ublk block device; sets
+[ -z "$(bound_drivers)" ] || {{ echo "bench: the device's interfaces are still bound to: $(bound_drivers)"; exit {EXIT_RELEASE_FAILED}; }}"#
+    );
+    s.push_str(&ring3d_functions(ring3, EXIT_DAEMON_FAILED));
+    let _ = writeln!(
+        s,
+        r#"# wait_running SECONDS: wait until the device runs and has its ublk block device; sets
 # pid and ublk. Says each other state.
 wait_running() {{
     deadline=$(( $(date +%s) + $1 ))
@@ -212,13 +197,6 @@ wait_running() {{
     done
     echo "bench: after $1 s ring3d's device is '${{state:-unknown}}': $st"
     return 1
-}}
-daemon_failed() {{
-    echo "bench: $*; ring3d's log:"
-    show "$T/ring3d.log"
-    status_json > "$T/status.json"
-    emit status ring3d 1 "$T/status.json"
-    exit {EXIT_DAEMON_FAILED}
 }}
 say "ring3d: starting it on {VID_PID}:{serial} (usb-storage driver, exposed through ublk)"
 cat > "$T/ring3d.toml" <<'RING3D_CONFIG'
@@ -247,29 +225,7 @@ emit info ublk 0 "$T/info-ublk""#
             shell_join(&workload.fio_args(duration, region))
         );
     }
-    let _ = writeln!(
-        s,
-        r#"status_json > "$T/status.json"
-emit status ring3d 0 "$T/status.json"
-say "ring3d: stopping it (SIGTERM)"
-t0=$(date +%s%N)
-kill -TERM "$daemon"
-tries=0
-while alive "$daemon" && [ $tries -lt 600 ]; do sleep 0.1; tries=$((tries + 1)); done
-if alive "$daemon"; then
-    echo "bench: ring3d still runs 60 s after SIGTERM; killing it"
-    kill -KILL "$daemon"
-fi
-wait "$daemon"
-rc=$?
-{{
-    echo "stop_status=$rc"
-    echo "stop_ms=$(( ($(date +%s%N) - t0) / 1000000 ))"
-}} > "$T/stop"
-[ $rc = 0 ] || show "$T/ring3d.log"
-emit info stop 0 "$T/stop"
-exit 0"#
-    );
+    s.push_str(&stop_ring3d(""));
     s
 }
 
