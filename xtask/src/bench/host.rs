@@ -32,6 +32,14 @@ pub struct VmArgs {
           value_parser = clap::value_parser!(u64).range(16..=65536))]
     pub namespace: u64,
 
+    #[command(flatten)]
+    pub guest: GuestArgs,
+}
+
+/// The lab VM's size, time limit and verbosity, as the NVMe, ublk and USB benches take
+/// them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GuestArgs {
     /// Guest CPUs. Under TCG each one is a host thread and QEMU's device emulation needs
     /// another, so more than the host's cores only adds contention; every driver measured
     /// shares the same VM either way.
@@ -53,6 +61,21 @@ pub struct VmArgs {
     /// Print the QEMU command line before booting.
     #[arg(short, long)]
     pub verbose: bool,
+}
+
+impl GuestArgs {
+    /// The lab VM's options from these, its workspace as the working directory; the
+    /// bench adds its devices and modules.
+    pub fn lab_options(&self, timeout: Duration) -> LabOptions {
+        LabOptions {
+            memory_mib: self.memory,
+            cpus: self.cpus,
+            timeout: Some(timeout),
+            workdir: Some(lab::workspace_root()),
+            verbose: self.verbose,
+            ..LabOptions::default()
+        }
+    }
 }
 
 impl VmArgs {
@@ -91,12 +114,7 @@ impl VmArgs {
             }],
             load_vfio: true,
             extra_modules: modules,
-            memory_mib: self.memory,
-            cpus: self.cpus,
-            timeout: Some(timeout),
-            workdir: Some(lab::workspace_root()),
-            verbose: self.verbose,
-            ..LabOptions::default()
+            ..self.guest.lab_options(timeout)
         }
     }
 }
@@ -207,6 +225,16 @@ pub fn guest_binary(binary: &Path) -> Result<String> {
         .with_context(|| format!("the path {} is not UTF-8", binary.display()))
 }
 
+/// Fails, naming the bench, unless every `(binary, args)` runs (see [`command_available`]).
+pub fn check_commands(bench: &str, commands: &[(&Path, &[&str])]) -> Result<()> {
+    for (binary, args) in commands {
+        command_available(binary, args).map_err(|why| {
+            anyhow::anyhow!("this build of ring3 cannot run the {bench} bench: {why}")
+        })?;
+    }
+    Ok(())
+}
+
 /// Whether `binary --help`-style `args` succeed; the error says what the binary printed.
 pub fn command_available(binary: &Path, args: &[&str]) -> std::result::Result<(), String> {
     let output = Command::new(binary)
@@ -302,6 +330,54 @@ fn host_cpu_model() -> Option<String> {
             (key.trim() == "model name").then(|| value.trim().to_string())
         })
         .filter(|model| !model.is_empty())
+}
+
+/// The directory a bench writes its results into: `--output`, or bench/results in the
+/// workspace.
+pub fn output_dir(output: Option<&Path>) -> PathBuf {
+    match output {
+        Some(dir) => dir.to_path_buf(),
+        None => lab::workspace_root().join("bench").join("results"),
+    }
+}
+
+/// Writes each `(file name, text)` of a report into `dir`.
+pub fn write_files<'a>(
+    dir: &Path,
+    files: impl IntoIterator<Item = (&'a str, String)>,
+) -> Result<()> {
+    for (name, text) in files {
+        let path = dir.join(name);
+        fs::write(&path, text).with_context(|| format!("could not write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// After a bench's results on the terminal: its notes, then the files it wrote into `dir`.
+pub fn print_notes_and_files(notes: &[String], dir: &Path, files: &[&str]) {
+    for note in notes {
+        println!("note: {note}");
+    }
+    let paths: Vec<String> = files
+        .iter()
+        .map(|name| dir.join(name).display().to_string())
+        .collect();
+    let written = match paths.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    println!("\nwrote {written}");
+}
+
+/// A bench's exit status: 0 when the guest script ended with 0 and every part was
+/// measured, 1 (said on stderr) when not.
+pub fn exit_status(script_status: i32, complete: bool) -> i32 {
+    if script_status != 0 || !complete {
+        eprintln!("bench: some parts were not measured; see the notes above");
+        return 1;
+    }
+    0
 }
 
 /// Creates the directory a bench writes its results into.

@@ -185,10 +185,7 @@ struct Config {
 impl Config {
     fn from_args(args: &NetArgs) -> Config {
         let duration_s = args.duration.unwrap_or(if args.quick { 3 } else { 10 });
-        let output = match &args.output {
-            Some(dir) => dir.clone(),
-            None => lab::workspace_root().join("bench").join("results"),
-        };
+        let output = host::output_dir(args.output.as_deref());
         // Boot; per frame size the kernel's run, ring3's (with its start-up and the
         // receiver's drain) and DPDK's (two testpmd start-ups under TCG, about 20 s each).
         let per_size = (duration_s + 3) + (duration_s + 5) + (duration_s + 45);
@@ -281,8 +278,7 @@ pub fn run(args: NetArgs) -> Result<i32> {
     lab::prepare()?;
     let release = host::build_release(&["ring3-cli"], "the bench runs it in the guest")?;
     let ring3 = release.join("ring3");
-    host::command_available(&ring3, &["bench", "net", "--help"])
-        .map_err(|why| anyhow::anyhow!("this build of ring3 cannot run the net bench: {why}"))?;
+    host::check_commands("net", &[(&ring3, &["bench", "net", "--help"])])?;
     let ring3 = host::guest_binary(&ring3)?;
 
     let plan = script::Plan {
@@ -335,22 +331,14 @@ pub fn run(args: NetArgs) -> Result<i32> {
     );
     write_report(&report, &config.output)?;
     println!("\n{}", report.summary_table());
-    for note in &report.notes {
-        println!("note: {note}");
-    }
-    println!(
-        "\nwrote {}, {} and {}",
-        config.output.join(REPORT_FILE).display(),
-        config.output.join(JSON_FILE).display(),
-        config.output.join(CHART_FILE).display()
+    host::print_notes_and_files(
+        &report.notes,
+        &config.output,
+        &[REPORT_FILE, JSON_FILE, CHART_FILE],
     );
     let status = run.status?;
     let complete = report.measurements.iter().all(|m| m.rates.is_ok());
-    if status != 0 || !complete {
-        eprintln!("bench: some parts were not measured; see the notes above");
-        return Ok(1);
-    }
-    Ok(0)
+    Ok(host::exit_status(status, complete))
 }
 
 /// One measurement's rates from the blocks.
@@ -462,15 +450,14 @@ fn build_report(
 
 fn write_report(report: &NetReport, dir: &Path) -> Result<()> {
     let json = serde_json::to_string_pretty(&report.json()).context("serialising the results")?;
-    for (name, text) in [
-        (REPORT_FILE, report.markdown(CHART_FILE, JSON_FILE)),
-        (JSON_FILE, json + "\n"),
-        (CHART_FILE, report.chart()),
-    ] {
-        let path = dir.join(name);
-        fs::write(&path, text).with_context(|| format!("could not write {}", path.display()))?;
-    }
-    Ok(())
+    host::write_files(
+        dir,
+        [
+            (REPORT_FILE, report.markdown(CHART_FILE, JSON_FILE)),
+            (JSON_FILE, json + "\n"),
+            (CHART_FILE, report.chart()),
+        ],
+    )
 }
 
 /// One line on the terminal per result as it arrives (DPDK's once both logs are in).

@@ -9,7 +9,6 @@
 //! busy the host was meanwhile ([`super::hostload`]) and writes the report
 //! ([`super::report`]).
 
-use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -89,10 +88,7 @@ impl Config {
         {
             bail!("the region is smaller than one I/O of {big}");
         }
-        let output = match &args.output {
-            Some(dir) => dir.clone(),
-            None => lab::workspace_root().join("bench").join("results"),
-        };
+        let output = host::output_dir(args.output.as_deref());
         let runs = workloads.len() as u64 * if args.kernel_only { 1 } else { 2 };
         let moves = if args.kernel_only {
             0
@@ -103,7 +99,7 @@ impl Config {
         // of a program under TCG (fio takes a few seconds), and the moves of the
         // controller between drivers; the timeout leaves room for a slower host.
         let expected = 30 + region_bytes / MIB / 100 + runs * (duration_s + 4) + moves * 3;
-        let timeout = Duration::from_secs(args.vm.timeout.unwrap_or(2 * expected + 300));
+        let timeout = Duration::from_secs(args.vm.guest.timeout.unwrap_or(2 * expected + 300));
         Ok(Config {
             duration_s,
             namespace_bytes,
@@ -180,12 +176,7 @@ pub fn run(args: NvmeArgs) -> Result<i32> {
     let (blocks, lab_result, host_load) = (run.blocks, run.status, run.host_load);
     let mut notes = Vec::new();
     let guest = guest_info(&blocks);
-    let fill = match blocks.iter().find(|b| b.source == "fill") {
-        Some(block) => outcome::fill_outcome(block),
-        None => Outcome::Failed {
-            reason: "the fill pass did not report".into(),
-        },
-    };
+    let fill = outcome::fill_result(&blocks);
     let rows: Vec<Row> = config
         .workloads
         .iter()
@@ -219,8 +210,8 @@ pub fn run(args: NvmeArgs) -> Result<i32> {
             region_bytes: config.region_bytes,
             namespace_bytes: config.namespace_bytes,
             block_size: SMALL_BLOCK,
-            guest_cpus: args.vm.cpus,
-            guest_memory_mib: args.vm.memory,
+            guest_cpus: args.vm.guest.cpus,
+            guest_memory_mib: args.vm.guest.memory,
             nvme_poll_queues: POLL_QUEUES,
             nvme_max_io_queue_pairs: NVME_MAX_IO_QUEUE_PAIRS,
         },
@@ -230,14 +221,10 @@ pub fn run(args: NvmeArgs) -> Result<i32> {
     };
     write_report(&report, &config.output)?;
     println!("\n{}", report.summary_table());
-    for note in &report.notes {
-        println!("note: {note}");
-    }
-    println!(
-        "\nwrote {}, {} and {}",
-        config.output.join(REPORT_FILE).display(),
-        config.output.join(JSON_FILE).display(),
-        config.output.join(CHART_FILE).display()
+    host::print_notes_and_files(
+        &report.notes,
+        &config.output,
+        &[REPORT_FILE, JSON_FILE, CHART_FILE],
     );
 
     let status = lab_result?;
@@ -258,15 +245,14 @@ pub fn run(args: NvmeArgs) -> Result<i32> {
 
 fn write_report(report: &Report, dir: &Path) -> Result<()> {
     let json = serde_json::to_string_pretty(&report.json()).context("serialising the results")?;
-    for (name, text) in [
-        (REPORT_FILE, report.markdown(CHART_FILE, JSON_FILE)),
-        (JSON_FILE, json + "\n"),
-        (CHART_FILE, report.chart()),
-    ] {
-        let path = dir.join(name);
-        fs::write(&path, text).with_context(|| format!("could not write {}", path.display()))?;
-    }
-    Ok(())
+    host::write_files(
+        dir,
+        [
+            (REPORT_FILE, report.markdown(CHART_FILE, JSON_FILE)),
+            (JSON_FILE, json + "\n"),
+            (CHART_FILE, report.chart()),
+        ],
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -305,11 +291,9 @@ fn print_progress(block: &Block, workloads: &[Workload], out: &mut dyn Write) {
         "info" => return,
         "fill" => outcome::fill_line(block),
         _ => {
-            let Some(workload) = workloads.iter().find(|w| w.id() == block.id) else {
-                let _ = writeln!(out, "    (a result for an unknown workload {})", block.id);
-                return;
-            };
-            outcome::progress_line(&block.source, workload, &block_outcome(block, workload))
+            return outcome::write_progress(out, block, workloads, |workload| {
+                block_outcome(block, workload)
+            })
         }
     };
     let _ = writeln!(out, "    {line}");

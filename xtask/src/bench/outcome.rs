@@ -29,6 +29,30 @@ pub fn find_block<'a>(blocks: &'a [Block], source: &str, id: &str) -> Option<&'a
         .find(|b| b.source == source && b.id == id)
 }
 
+/// What fio's run of `workload` on `source` came to.
+pub fn fio_result(blocks: &[Block], source: &str, workload: &Workload) -> Outcome {
+    match find_block(blocks, source, &workload.id()) {
+        Some(block) => or_failed(fio_outcome(block, workload)),
+        None => missing(),
+    }
+}
+
+/// What the fill pass (the block `fill fill`) came to.
+pub fn fill_result(blocks: &[Block]) -> Outcome {
+    match find_block(blocks, "fill", "fill") {
+        Some(block) => fill_outcome(block),
+        None => Outcome::Failed {
+            reason: "the fill pass did not report".into(),
+        },
+    }
+}
+
+/// `ring3 status --json` as the guest sent it (the block `status ring3d`).
+pub fn ring3d_status(blocks: &[Block]) -> Option<serde_json::Value> {
+    find_block(blocks, "status", "ring3d")
+        .and_then(|block| serde_json::from_str(block.text.trim()).ok())
+}
+
 /// A failure for a block the guest never sent.
 pub fn missing() -> Outcome {
     Outcome::Failed {
@@ -168,6 +192,21 @@ pub fn driver_notes<'a>(
         )),
     }
     (notes, problems.len())
+}
+
+/// Writes the progress line of a workload's result block (see [`progress_line`]), its
+/// outcome from `outcome`; or, for a workload not in `workloads`, says so.
+pub fn write_progress(
+    out: &mut dyn std::io::Write,
+    block: &Block,
+    workloads: &[Workload],
+    outcome: impl FnOnce(&Workload) -> Outcome,
+) {
+    let line = match workloads.iter().find(|w| w.id() == block.id) {
+        Some(workload) => progress_line(&block.source, workload, &outcome(workload)),
+        None => format!("(a result for an unknown workload {})", block.id),
+    };
+    let _ = writeln!(out, "    {line}");
 }
 
 /// One line on the terminal for a measured workload (or why it was not).

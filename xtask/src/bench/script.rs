@@ -30,26 +30,32 @@ pub const EXIT_FILL_FAILED: i32 = 4;
 /// Exit status when moving the controller between the drivers failed.
 pub const EXIT_SWITCH_FAILED: i32 = 5;
 
-/// The report's note on how the guest script ended, if not with status 0; `more` explains
+/// The report's note on how this script ended, if not with status 0; `more` explains
 /// a bench's own exit statuses.
 pub fn exit_note(result: &anyhow::Result<i32>, more: &[(i32, &str)]) -> Option<String> {
+    let known = [
+        (
+            EXIT_NO_DEVICE,
+            "no usable NVMe namespace under the kernel driver",
+        ),
+        (EXIT_FILL_FAILED, "the fill pass failed"),
+        (
+            EXIT_SWITCH_FAILED,
+            "moving the controller between nvme and vfio-pci failed",
+        ),
+    ];
+    let reasons: Vec<(i32, &str)> = known.iter().chain(more).copied().collect();
+    any_exit_note(result, &reasons)
+}
+
+/// The report's note on how a guest script ended, if not with status 0; `reasons`
+/// explains its exit statuses.
+pub fn any_exit_note(result: &anyhow::Result<i32>, reasons: &[(i32, &str)]) -> Option<String> {
     match result {
         Ok(0) => None,
         Ok(status) => {
-            let known = [
-                (
-                    EXIT_NO_DEVICE,
-                    "no usable NVMe namespace under the kernel driver",
-                ),
-                (EXIT_FILL_FAILED, "the fill pass failed"),
-                (
-                    EXIT_SWITCH_FAILED,
-                    "moving the controller between nvme and vfio-pci failed",
-                ),
-            ];
-            let why = known
+            let why = reasons
                 .iter()
-                .chain(more)
                 .find(|(code, _)| code == status)
                 .map(|(_, why)| format!(": {why}"))
                 .unwrap_or_default();

@@ -12,13 +12,11 @@ mod recovery;
 mod report;
 mod script;
 
-use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
 
 use self::recovery::Recovery;
 use self::report::{Reader, UblkReport};
@@ -129,10 +127,7 @@ impl Config {
         {
             bail!("the region is smaller than one I/O of {big}");
         }
-        let output = match &args.output {
-            Some(dir) => dir.clone(),
-            None => lab::workspace_root().join("bench").join("results"),
-        };
+        let output = host::output_dir(args.output.as_deref());
         // Boot, the fill at about 100 MiB/s, each run its duration plus a program's
         // start-up under TCG, two moves of the controller, ring3d's start and stop, and
         // per kill a restart of the driver with the controller's reset.
@@ -143,7 +138,7 @@ impl Config {
             + 2 * 3
             + 2 * 15
             + u64::from(kills) * 8;
-        let timeout = Duration::from_secs(args.vm.timeout.unwrap_or(2 * expected + 300));
+        let timeout = Duration::from_secs(args.vm.guest.timeout.unwrap_or(2 * expected + 300));
         Ok(Config {
             duration_s,
             namespace_bytes,
@@ -169,15 +164,14 @@ pub fn run(args: UblkArgs) -> Result<i32> {
     lab::prepare()?;
     let release = host::build_release(&["ring3d", "ring3-cli"], "the bench runs both")?;
     let (ring3, ring3d) = (release.join("ring3"), release.join("ring3d"));
-    for (binary, args) in [
-        (&ring3, &["bench", "nvme", "--help"][..]),
-        (&ring3, &["status", "--help"]),
-        (&ring3d, &["--help"]),
-    ] {
-        host::command_available(binary, args).map_err(|why| {
-            anyhow::anyhow!("this build of ring3 cannot run the ublk bench: {why}")
-        })?;
-    }
+    host::check_commands(
+        "ublk",
+        &[
+            (&ring3, &["bench", "nvme", "--help"]),
+            (&ring3, &["status", "--help"]),
+            (&ring3d, &["--help"]),
+        ],
+    )?;
     let (ring3, ring3d) = (host::guest_binary(&ring3)?, host::guest_binary(&ring3d)?);
 
     let plan = Plan {
@@ -241,14 +235,7 @@ pub fn run(args: UblkArgs) -> Result<i32> {
             );
         }
     }
-    for note in &report.notes {
-        println!("note: {note}");
-    }
-    println!(
-        "\nwrote {} and {}",
-        config.output.join(REPORT_FILE).display(),
-        config.output.join(JSON_FILE).display()
-    );
+    host::print_notes_and_files(&report.notes, &config.output, &[REPORT_FILE, JSON_FILE]);
 
     let status = run.status?;
     let complete = report
@@ -259,11 +246,7 @@ pub fn run(args: UblkArgs) -> Result<i32> {
         && report.recovery.as_ref().is_ok_and(|r| {
             r.recovered().count() == r.kills.len() && r.kills.len() as u32 == config.kills
         });
-    if status != 0 || !complete {
-        eprintln!("bench: some parts were not measured; see the notes above");
-        return Ok(1);
-    }
-    Ok(0)
+    Ok(host::exit_status(status, complete))
 }
 
 fn build_report(
@@ -273,27 +256,13 @@ fn build_report(
     lab_result: &Result<i32>,
     environment: super::report::Environment,
 ) -> UblkReport {
-    let fio = |source: &str, workload: &Workload| match outcome::find_block(
-        blocks,
-        source,
-        &workload.id(),
-    ) {
-        Some(block) => outcome::or_failed(outcome::fio_outcome(block, workload)),
-        None => outcome::missing(),
-    };
-    let fill = match outcome::find_block(blocks, "fill", "fill") {
-        Some(block) => outcome::fill_outcome(block),
-        None => Outcome::Failed {
-            reason: "the fill pass did not report".into(),
-        },
-    };
     let rows: Vec<Row> = config
         .workloads
         .iter()
         .map(|&workload| Row {
             workload,
-            kernel: fio("kernel", &workload),
-            ring3: fio("ublk", &workload),
+            kernel: outcome::fio_result(blocks, "kernel", &workload),
+            ring3: outcome::fio_result(blocks, "ublk", &workload),
         })
         .collect();
     let direct: Vec<(Workload, Outcome)> = config
@@ -315,8 +284,6 @@ fn build_report(
     let reader = outcome::find_block(blocks, "reader", "reader")
         .and_then(|block| super::results::parse_fio_output(&block.text).ok())
         .map(Reader::from_fio);
-    let status = outcome::find_block(blocks, "status", "ring3d")
-        .and_then(|block| serde_json::from_str::<Value>(block.text.trim()).ok());
 
     let mut notes = Vec::new();
     notes.extend(nvme_script::exit_note(
@@ -392,33 +359,32 @@ fn build_report(
             region_bytes: config.region_bytes,
             namespace_bytes: config.namespace_bytes,
             block_size: SMALL_BLOCK,
-            guest_cpus: args.vm.cpus,
-            guest_memory_mib: args.vm.memory,
+            guest_cpus: args.vm.guest.cpus,
+            guest_memory_mib: args.vm.guest.memory,
             nvme_poll_queues: POLL_QUEUES,
             nvme_max_io_queue_pairs: NVME_MAX_IO_QUEUE_PAIRS,
         },
         kills: config.kills,
         daemon_queues: (script::DAEMON_QUEUES, script::DAEMON_QUEUE_DEPTH),
-        fill,
+        fill: outcome::fill_result(blocks),
         rows,
         direct,
         recovery,
         reader,
-        status,
+        status: outcome::ring3d_status(blocks),
         notes,
     }
 }
 
 fn write_report(report: &UblkReport, dir: &Path) -> Result<()> {
     let json = serde_json::to_string_pretty(&report.json()).context("serialising the results")?;
-    for (name, text) in [
-        (REPORT_FILE, report.markdown(JSON_FILE)),
-        (JSON_FILE, json + "\n"),
-    ] {
-        let path = dir.join(name);
-        fs::write(&path, text).with_context(|| format!("could not write {}", path.display()))?;
-    }
-    Ok(())
+    host::write_files(
+        dir,
+        [
+            (REPORT_FILE, report.markdown(JSON_FILE)),
+            (JSON_FILE, json + "\n"),
+        ],
+    )
 }
 
 /// One line on the terminal per result as it arrives.
@@ -441,16 +407,13 @@ fn print_progress(block: &Block, workloads: &[Workload], out: &mut dyn Write) {
             Err(err) => format!("recovery: {err:#}"),
         },
         source => {
-            let Some(workload) = workloads.iter().find(|w| w.id() == block.id) else {
-                let _ = writeln!(out, "    (a result for an unknown workload {})", block.id);
-                return;
-            };
-            let result = if source == "direct" {
-                outcome::ring3_outcome(block, workload)
-            } else {
-                outcome::fio_outcome(block, workload)
-            };
-            outcome::progress_line(source, workload, &outcome::or_failed(result))
+            return outcome::write_progress(out, block, workloads, |workload| {
+                outcome::or_failed(if source == "direct" {
+                    outcome::ring3_outcome(block, workload)
+                } else {
+                    outcome::fio_outcome(block, workload)
+                })
+            })
         }
     };
     let _ = writeln!(out, "    {line}");

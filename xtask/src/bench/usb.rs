@@ -10,18 +10,16 @@
 mod report;
 mod script;
 
-use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde_json::Value;
 
 use self::report::{UsbReport, UsbSettings};
 use self::script::Plan;
 use super::capture::Block;
-use super::host;
+use super::host::{self, GuestArgs};
 use super::outcome::{self, guest_info};
 use super::report::{Outcome, Row};
 use super::workload::{Completion, Pattern, Workload, SMALL_BLOCK};
@@ -52,25 +50,8 @@ pub struct UsbArgs {
     #[arg(long, value_name = "DIR")]
     pub output: Option<PathBuf>,
 
-    /// Guest CPUs.
-    #[arg(long, value_name = "N", default_value_t = 2,
-          value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub cpus: u32,
-
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 1024,
-          value_parser = clap::value_parser!(u32).range(256..))]
-    pub memory: u32,
-
-    /// Kill the VM after this many seconds [default: twice the expected run, plus 5
-    /// minutes].
-    #[arg(long, value_name = "SECS",
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub timeout: Option<u64>,
-
-    /// Print the QEMU command line before booting.
-    #[arg(short, long)]
-    pub verbose: bool,
+    #[command(flatten)]
+    pub vm: GuestArgs,
 }
 
 /// The bench's settings, resolved from the arguments.
@@ -112,10 +93,7 @@ impl Config {
     fn from_args(args: &UsbArgs) -> Config {
         let duration_s = args.duration.unwrap_or(if args.quick { 3 } else { 10 });
         let workloads = usb_workloads();
-        let output = match &args.output {
-            Some(dir) => dir.clone(),
-            None => lab::workspace_root().join("bench").join("results"),
-        };
+        let output = host::output_dir(args.output.as_deref());
         let region_bytes = usb::RAW_IMAGE_BYTES;
         // Boot, the fill at a few MiB/s, each run its duration plus fio's start-up and
         // its report under TCG (about 15 s on a busy host), and ring3d's start and stop.
@@ -123,7 +101,7 @@ impl Config {
         let expected =
             30 + region_bytes / (2 << 20) + drivers * workloads.len() as u64 * (duration_s + 15);
         let expected = expected + if args.kernel_only { 0 } else { 40 };
-        let timeout = Duration::from_secs(args.timeout.unwrap_or(2 * expected + 300));
+        let timeout = Duration::from_secs(args.vm.timeout.unwrap_or(2 * expected + 300));
         Config {
             duration_s,
             region_bytes,
@@ -141,12 +119,7 @@ fn lab_options(args: &UsbArgs, timeout: Duration) -> LabOptions {
         devices: vec![LabDevice::Usb],
         load_vfio: false,
         extra_modules: vec!["xhci_pci".into(), "ublk_drv".into()],
-        memory_mib: args.memory,
-        cpus: args.cpus,
-        timeout: Some(timeout),
-        workdir: Some(lab::workspace_root()),
-        verbose: args.verbose,
-        ..LabOptions::default()
+        ..args.vm.lab_options(timeout)
     }
 }
 
@@ -164,11 +137,10 @@ pub fn run(args: UsbArgs) -> Result<i32> {
     } else {
         let release = host::build_release(&["ring3d", "ring3-cli"], "the bench runs both")?;
         let (ring3, ring3d) = (release.join("ring3"), release.join("ring3d"));
-        for (binary, args) in [(&ring3, &["status", "--help"][..]), (&ring3d, &["--help"])] {
-            host::command_available(binary, args).map_err(|why| {
-                anyhow::anyhow!("this build of ring3 cannot run the usb bench: {why}")
-            })?;
-        }
+        host::check_commands(
+            "usb",
+            &[(&ring3, &["status", "--help"]), (&ring3d, &["--help"])],
+        )?;
         Some((host::guest_binary(&ring3)?, host::guest_binary(&ring3d)?))
     };
 
@@ -206,25 +178,14 @@ pub fn run(args: UsbArgs) -> Result<i32> {
     );
     write_report(&report, &config.output)?;
     println!("\n{}", report.summary_table());
-    for note in &report.notes {
-        println!("note: {note}");
-    }
-    println!(
-        "\nwrote {} and {}",
-        config.output.join(REPORT_FILE).display(),
-        config.output.join(JSON_FILE).display()
-    );
+    host::print_notes_and_files(&report.notes, &config.output, &[REPORT_FILE, JSON_FILE]);
 
     let status = run.status?;
     let complete = report.rows.iter().all(|row| {
         row.kernel.measurement().is_some()
             && (config.kernel_only || row.ring3.measurement().is_some())
     });
-    if status != 0 || !complete {
-        eprintln!("bench: some parts were not measured; see the notes above");
-        return Ok(1);
-    }
-    Ok(0)
+    Ok(host::exit_status(status, complete))
 }
 
 fn build_report(
@@ -234,40 +195,23 @@ fn build_report(
     lab_result: &Result<i32>,
     environment: super::report::Environment,
 ) -> UsbReport {
-    let fio = |source: &str, workload: &Workload| match outcome::find_block(
-        blocks,
-        source,
-        &workload.id(),
-    ) {
-        Some(block) => outcome::or_failed(outcome::fio_outcome(block, workload)),
-        None => outcome::missing(),
-    };
-    let fill = match outcome::find_block(blocks, "fill", "fill") {
-        Some(block) => outcome::fill_outcome(block),
-        None => Outcome::Failed {
-            reason: "the fill pass did not report".into(),
-        },
-    };
     let rows: Vec<Row> = config
         .workloads
         .iter()
         .map(|&workload| Row {
             workload,
-            kernel: fio("kernel", &workload),
+            kernel: outcome::fio_result(blocks, "kernel", &workload),
             ring3: if config.kernel_only {
                 Outcome::Skipped {
                     reason: "--kernel-only".into(),
                 }
             } else {
-                fio("ublk", &workload)
+                outcome::fio_result(blocks, "ublk", &workload)
             },
         })
         .collect();
-    let status = outcome::find_block(blocks, "status", "ring3d")
-        .and_then(|block| serde_json::from_str::<Value>(block.text.trim()).ok());
-
     let mut notes = Vec::new();
-    notes.extend(exit_note(lab_result));
+    notes.extend(script::exit_note(lab_result));
     notes.extend(host::busy_host_note(environment.host_load));
     let (kernel_notes, _) = outcome::driver_notes(
         "the kernel's usb-storage",
@@ -286,47 +230,26 @@ fn build_report(
         settings: UsbSettings {
             duration_s: config.duration_s,
             region_bytes: config.region_bytes,
-            guest_cpus: args.cpus,
-            guest_memory_mib: args.memory,
+            guest_cpus: args.vm.cpus,
+            guest_memory_mib: args.vm.memory,
             kernel_only: config.kernel_only,
         },
-        fill,
+        fill: outcome::fill_result(blocks),
         rows,
-        status,
+        status: outcome::ring3d_status(blocks),
         notes,
-    }
-}
-
-/// The report's note on how the guest script ended, if not with status 0.
-fn exit_note(result: &Result<i32>) -> Option<String> {
-    match result {
-        Ok(0) => None,
-        Ok(status) => {
-            let why = match *status {
-                script::EXIT_NO_DEVICE => ": no R3RAW disk under the kernel's usb-storage",
-                script::EXIT_FILL_FAILED => ": the fill pass failed",
-                script::EXIT_RELEASE_FAILED => ": usb-storage did not let go of the device",
-                script::EXIT_DAEMON_FAILED => ": ring3d did not bring the device up",
-                _ => "",
-            };
-            Some(format!(
-                "The guest script stopped with exit status {status}{why}."
-            ))
-        }
-        Err(err) => Some(format!("The lab run failed: {err:#}.")),
     }
 }
 
 fn write_report(report: &UsbReport, dir: &Path) -> Result<()> {
     let json = serde_json::to_string_pretty(&report.json()).context("serialising the results")?;
-    for (name, text) in [
-        (REPORT_FILE, report.markdown(JSON_FILE)),
-        (JSON_FILE, json + "\n"),
-    ] {
-        let path = dir.join(name);
-        fs::write(&path, text).with_context(|| format!("could not write {}", path.display()))?;
-    }
-    Ok(())
+    host::write_files(
+        dir,
+        [
+            (REPORT_FILE, report.markdown(JSON_FILE)),
+            (JSON_FILE, json + "\n"),
+        ],
+    )
 }
 
 /// One line on the terminal per result as it arrives.
@@ -334,13 +257,10 @@ fn print_progress(block: &Block, workloads: &[Workload], out: &mut dyn Write) {
     let line = match block.source.as_str() {
         "info" | "status" => return,
         "fill" => outcome::fill_line(block),
-        source => {
-            let Some(workload) = workloads.iter().find(|w| w.id() == block.id) else {
-                let _ = writeln!(out, "    (a result for an unknown workload {})", block.id);
-                return;
-            };
-            let result = outcome::or_failed(outcome::fio_outcome(block, workload));
-            outcome::progress_line(source, workload, &result)
+        _ => {
+            return outcome::write_progress(out, block, workloads, |workload| {
+                outcome::or_failed(outcome::fio_outcome(block, workload))
+            })
         }
     };
     let _ = writeln!(out, "    {line}");

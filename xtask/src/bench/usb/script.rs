@@ -16,7 +16,9 @@
 
 use std::fmt::Write as _;
 
-use crate::bench::script::{helpers, ring3d_functions, ring3d_settings, stop_ring3d, MEASURE_FIO};
+use crate::bench::script::{
+    any_exit_note, helpers, ring3d_functions, ring3d_settings, stop_ring3d, MEASURE_FIO,
+};
 use crate::bench::workload::Workload;
 use crate::lab::{shell_join, shell_quote, usb};
 
@@ -28,6 +30,25 @@ pub const EXIT_FILL_FAILED: i32 = 4;
 pub const EXIT_RELEASE_FAILED: i32 = 5;
 /// Exit status when ring3d did not bring the device up.
 pub const EXIT_DAEMON_FAILED: i32 = 6;
+
+/// The report's note on how the script ended, if not with status 0.
+pub fn exit_note(result: &anyhow::Result<i32>) -> Option<String> {
+    any_exit_note(
+        result,
+        &[
+            (
+                EXIT_NO_DEVICE,
+                "no R3RAW disk under the kernel's usb-storage",
+            ),
+            (EXIT_FILL_FAILED, "the fill pass failed"),
+            (
+                EXIT_RELEASE_FAILED,
+                "usb-storage did not let go of the device",
+            ),
+            (EXIT_DAEMON_FAILED, "ring3d did not bring the device up"),
+        ],
+    )
+}
 
 /// The name of the device in ring3d's config.
 pub const DEVICE_NAME: &str = "usb0";
