@@ -277,6 +277,25 @@ pub(super) fn heading(title: &str, bench: &str, env: &Environment) -> String {
 /// The notes (when there are any), then the start of "How it was measured": the host,
 /// the VM and the host's load while the VM ran.
 pub(super) fn notes_and_setup(notes: &[String], env: &Environment, set: &Settings) -> String {
+    let mut s = notes_and_host(notes, env);
+    let _ = writeln!(
+        s,
+        "- VM: {}, `-machine q35,accel=tcg -cpu max -smp {} -m {}M`, `intel-iommu` with \
+         interrupt remapping; one NVMe controller (`max_ioqpairs={}`) with one namespace of \
+         {} and {}-byte blocks, on a sparse raw image on the host.",
+        env.qemu.as_deref().unwrap_or("QEMU (version unknown)"),
+        set.guest_cpus,
+        set.guest_memory_mib,
+        set.nvme_max_io_queue_pairs,
+        mib(set.namespace_bytes),
+        set.block_size
+    );
+    s.push_str(&host_load_line(env));
+    s
+}
+
+/// The notes (when there are any), then "How it was measured" up to its host.
+pub(super) fn notes_and_host(notes: &[String], env: &Environment) -> String {
     let unknown = "unknown";
     let mut s = String::new();
     if !notes.is_empty() {
@@ -294,21 +313,13 @@ pub(super) fn notes_and_setup(notes: &[String], env: &Environment, set: &Setting
         env.host_cpus,
         env.host_kernel.as_deref().unwrap_or(unknown)
     );
-    let _ = writeln!(
-        s,
-        "- VM: {}, `-machine q35,accel=tcg -cpu max -smp {} -m {}M`, `intel-iommu` with \
-         interrupt remapping; one NVMe controller (`max_ioqpairs={}`) with one namespace of \
-         {} and {}-byte blocks, on a sparse raw image on the host.",
-        env.qemu.as_deref().unwrap_or("QEMU (version unknown)"),
-        set.guest_cpus,
-        set.guest_memory_mib,
-        set.nvme_max_io_queue_pairs,
-        mib(set.namespace_bytes),
-        set.block_size
-    );
-    let _ = writeln!(
-        s,
-        "- Host load while the VM ran: {}.",
+    s
+}
+
+/// The list item on the host's load while the VM ran.
+pub(super) fn host_load_line(env: &Environment) -> String {
+    format!(
+        "- Host load while the VM ran: {}.\n",
         match &env.host_load {
             Some(load) => format!(
                 "other processes used {:.1}% of the host's CPU time, steal {:.1}%",
@@ -316,8 +327,7 @@ pub(super) fn notes_and_setup(notes: &[String], env: &Environment, set: &Setting
             ),
             None => "not measured".to_string(),
         }
-    );
-    s
+    )
 }
 
 /// The environment and settings as JSON, under the keys every bench's JSON shares.

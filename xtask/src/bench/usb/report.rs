@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 use serde_json::{json, Value};
 
 use crate::bench::report::{
-    cell, environment_json, heading, mib, micros, thousands, Environment, Outcome, Row, Settings,
+    cell, environment_json, heading, host_load_line, mib, micros, notes_and_host, thousands,
+    Environment, Outcome, Row, Settings,
 };
 use crate::bench::results::implausible_latency;
 
@@ -146,21 +147,7 @@ impl UsbReport {
                 "Only the kernel driver was measured (`--kernel-only`).\n"
             );
         }
-        if !self.notes.is_empty() {
-            let _ = writeln!(s, "## Notes\n");
-            for note in &self.notes {
-                let _ = writeln!(s, "- {note}");
-            }
-            s.push('\n');
-        }
-        let _ = writeln!(s, "## How it was measured\n");
-        let _ = writeln!(
-            s,
-            "- Host: {}, {} CPUs, Linux {}.",
-            env.host_cpu.as_deref().unwrap_or(unknown),
-            env.host_cpus,
-            env.host_kernel.as_deref().unwrap_or(unknown)
-        );
+        s.push_str(&notes_and_host(&self.notes, env));
         let _ = writeln!(
             s,
             "- VM: {}, `-machine q35,accel=tcg -cpu max -smp {} -m {}M`; one `qemu-xhci` \
@@ -173,17 +160,7 @@ impl UsbReport {
             env.guest("usb_speed_mbps").unwrap_or(unknown),
             mib(set.region_bytes)
         );
-        let _ = writeln!(
-            s,
-            "- Host load while the VM ran: {}.",
-            match &env.host_load {
-                Some(load) => format!(
-                    "other processes used {:.1}% of the host's CPU time, steal {:.1}%",
-                    load.others_percent, load.steal_percent
-                ),
-                None => "not measured".to_string(),
-            }
-        );
+        s.push_str(&host_load_line(env));
         let ring3_part = if set.kernel_only {
             " (ring3's side was not run: `--kernel-only`)".to_string()
         } else {
