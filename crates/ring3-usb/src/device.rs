@@ -95,7 +95,25 @@ impl UsbDevice {
                 errno => UsbError::io("opening", path, errno.into()),
             },
         )?;
-        let mut device = UsbDevice::from_fd(fd)?;
+        // nusb opens the node itself when its enumeration has it, which lets it read the
+        // active configuration from sysfs; wrapping a descriptor instead makes it ask
+        // the device (GET_CONFIGURATION, with a 50 ms timeout that slow emulated
+        // controllers miss).
+        let nusb = match enumerated(path) {
+            Some(info) => info
+                .open()
+                .wait()
+                .map_err(|source| nusb_open_error(path, source))?,
+            None => {
+                let copy = fd
+                    .try_clone()
+                    .map_err(|e| UsbError::io("duplicating the descriptor of", path, e))?;
+                nusb::Device::from_fd(copy)
+                    .wait()
+                    .map_err(|source| nusb_open_error(path, source))?
+            }
+        };
+        let mut device = UsbDevice::with(fd, nusb)?;
         if let Some(inner) = Arc::get_mut(&mut device.inner) {
             inner.path = Some(path.to_owned());
         }
@@ -108,23 +126,20 @@ impl UsbDevice {
         let own = fd
             .try_clone()
             .map_err(|e| UsbError::io("duplicating the descriptor of", "usbfs node", e))?;
-        let blob = usbfs::read_descriptors(&own)
+        let nusb = nusb::Device::from_fd(fd)
+            .wait()
+            .map_err(|source| nusb_open_error(Path::new("usbfs node"), source))?;
+        UsbDevice::with(own, nusb)
+    }
+
+    fn with(fd: OwnedFd, nusb: nusb::Device) -> Result<UsbDevice> {
+        let blob = usbfs::read_descriptors(&fd)
             .map_err(|e| UsbError::io("reading the descriptors from", "usbfs node", e))?;
         let (device_descriptor, configurations) = descriptor::parse_descriptors(&blob)?;
-        let nusb = nusb::Device::from_fd(fd).wait().map_err(|source| {
-            if source.kind() == nusb::ErrorKind::Disconnected {
-                UsbError::Disconnected
-            } else {
-                UsbError::Nusb {
-                    what: "opening the USB device".into(),
-                    source,
-                }
-            }
-        })?;
         Ok(UsbDevice {
             inner: Arc::new(DeviceInner {
                 nusb,
-                fd: own,
+                fd,
                 path: None,
                 summary: None,
                 device_descriptor,
@@ -425,6 +440,34 @@ pub struct ClaimedInterface {
     device: UsbDevice,
     descriptor: InterfaceDescriptor,
     detached_driver: Option<String>,
+}
+
+/// nusb's entry for the usbfs node `/dev/bus/usb/BBB/DDD`, if it lists one.
+fn enumerated(path: &Path) -> Option<nusb::DeviceInfo> {
+    let mut parts = path.strip_prefix("/dev/bus/usb").ok()?.iter();
+    let bus: u8 = parts.next()?.to_str()?.parse().ok()?;
+    let number: u8 = parts.next()?.to_str()?.parse().ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    nusb::list_devices()
+        .wait()
+        .ok()?
+        .find(|info| info.busnum() == bus && info.device_address() == number)
+}
+
+fn nusb_open_error(path: &Path, source: nusb::Error) -> UsbError {
+    match source.kind() {
+        nusb::ErrorKind::Disconnected => UsbError::Disconnected,
+        nusb::ErrorKind::PermissionDenied => UsbError::PermissionDenied {
+            path: path.to_owned(),
+            source: source.into(),
+        },
+        _ => UsbError::Nusb {
+            what: format!("opening {}", path.display()),
+            source,
+        },
+    }
 }
 
 /// The usbfs implementation of [`UsbTransport`] (over nusb).
