@@ -32,10 +32,16 @@ pub enum UsbArgs {
     /// List the USB devices (root hubs aside) with their interfaces and the kernel driver
     /// bound to each.
     ///
-    /// Each device shows its port path and VID:PID:SERIAL (both usable as the address of
-    /// the other `ring3 usb` commands), its bus and device number, speed, class and
-    /// strings; each interface its number, class/subclass/protocol, kernel driver ("-"
-    /// for none, "usbfs" when a process claimed it) and bulk endpoints.
+    /// Each device shows its port path and VID:PID:SERIAL, its bus and device number,
+    /// speed, class and strings; each interface its number, class/subclass/protocol,
+    /// kernel driver ("-" for none, "usbfs" when a process claimed it) and endpoints.
+    ///
+    /// The other `ring3 usb` commands take a device address in one of these forms:
+    /// BUS-PORT[.PORT...], the port path in the first column (e.g. 3-1.2: port 2 of the
+    /// hub on port 1 of bus 3; stays the same while the device stays in that port);
+    /// VID:PID in hex (e.g. 0403:6001), when only one device has these IDs; or
+    /// VID:PID:SERIAL (e.g. 0403:6001:R3SERECHO). Bus and device numbers change at
+    /// every replug and are not addresses.
     List(ListArgs),
     /// Claim an interface of a device and hold it until Ctrl-C or SIGTERM, then give it
     /// back (needs root or write access to the device's usbfs node).
